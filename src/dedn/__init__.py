@@ -1,0 +1,3 @@
+"""dedn: the Dual-Expert Distillation Network (a reconstruction) and a few-shot segmentation toolkit."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""The one interface every data reader implements.
+
+A *source* is a set of images with dense labels in a global class space: ``0`` background,
+``1..num_classes`` object classes, ``255`` ignore. Readers differ only in how they find and decode files;
+everything protocol-related (folds, eligibility, episodes) works on this interface alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dedn.errors import DataError
+
+IGNORE_INDEX = 255
+
+
+class SegmentationSource(ABC):
+    """Images with labels ``0`` (background), ``1..num_classes`` and ``255`` (ignore)."""
+
+    #: short name used in caches and results ("pascal", "coco", "folders", "synthetic")
+    name: str = "source"
+
+    def __init__(self, class_names: Sequence[str]):
+        self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Image ids, in a fixed order."""
+
+    @abstractmethod
+    def describe(self, image_id: str) -> str:
+        """Where the image comes from (a file path, or a generator seed), for error messages."""
+
+    @abstractmethod
+    def _read_image(self, image_id: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+
+    @abstractmethod
+    def _read_label(self, image_id: str) -> np.ndarray:
+        """(H, W) uint8 label in the global class space."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A string that changes whenever the content may have changed (used as a cache key)."""
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return self._read_image(image_id)
+
+    def load_label(self, image_id: str) -> np.ndarray:
+        label = self._read_label(image_id)
+        self._check_values(image_id, label)
+        return label
+
+    def load_pair(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H, W, 3) uint8 and label (H, W) uint8, checked to have the same size."""
+        image = self.load_image(image_id)
+        label = self.load_label(image_id)
+        if image.shape[:2] != label.shape[:2]:
+            raise DataError(
+                f"{self.describe(image_id)}: mask is {label.shape[1]}x{label.shape[0]} (WxH) but the image "
+                f"is {image.shape[1]}x{image.shape[0]}; image and mask must have the same size"
+            )
+        return image, label
+
+    def _check_values(self, image_id: str, label: np.ndarray) -> None:
+        values = np.unique(label)
+        bad = [int(v) for v in values if not (v <= self.num_classes or v == IGNORE_INDEX)]
+        if bad:
+            raise DataError(
+                f"{self.describe(image_id)}: mask has values {bad[:10]}; expected 0 (background), "
+                f"1..{self.num_classes} (classes) or {IGNORE_INDEX} (ignore)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
+
+
+def files_fingerprint(paths: Sequence[Path], extra: str = "") -> str:
+    """Hash of paths, sizes and modification times: cheap, and changes when any file changes."""
+    h = hashlib.sha1(extra.encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,49 @@
+"""Atomic file writes: a crash or a full disk never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` by calling ``write(fileobj)`` on a temporary file in the same folder, then rename.
+
+    The rename is atomic on POSIX, so readers see either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (keys in insertion order, trailing newline) atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def cache_dir() -> Path:
+    """Folder for caches (data set scans, generated benchmarks): ``$DEDN_CACHE_DIR`` or ``~/.cache/dedn``."""
+    root = os.environ.get("DEDN_CACHE_DIR")
+    path = Path(root) if root else Path.home() / ".cache" / "dedn"
+    return path
