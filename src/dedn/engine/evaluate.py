@@ -1,0 +1,239 @@
+"""Episodic evaluation under the protocol of PROTOCOL.md.
+
+Episodes come from a file written from a seed (never from the loop), predictions are scored at the
+original label size, several seeds are reported as mean +- std, and each image's frozen backbone features
+are computed once per run and reused (``eval.feature_cache``). Under torchrun the episodes are sharded over
+the processes and the metric totals are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dedn.config import Config, to_dict
+from dedn.data.episodes import Episode, read_episodes, sample_test_episodes, write_episodes
+from dedn.data.transforms import TestTransform, restore_logits
+from dedn.engine.benchmark import Benchmark, binary_target, build_benchmark
+from dedn.engine.distributed import DistInfo
+from dedn.engine.features import FeatureCache, ImageEncoder
+from dedn.errors import DataError
+from dedn.metrics import FewShotIoU, aggregate_seeds
+from dedn.utils.io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class EpisodeResult:
+    """What one evaluated episode produced (for pictures and tests)."""
+
+    episode: Episode
+    prediction: torch.Tensor  # (H, W) at the original label size
+    outputs: dict
+
+
+class EpisodeRunner:
+    """Loads, transforms and encodes the images of an episode, and runs the model on it."""
+
+    def __init__(self, model, source, size: int, device: torch.device, cache: FeatureCache | None):
+        self.model = model
+        self.source = source
+        self.transform = TestTransform(size)
+        self.size = size
+        self.device = device
+        self.encoder = ImageEncoder(model, device, cache)
+
+    def _features(self, image_id: str):
+        def compute():
+            image = self.source.load_image(image_id)
+            tensor, _, _ = self.transform(image, None)
+            return self.encoder._encode(tensor)
+
+        if self.encoder.cache is None:
+            return compute()
+        return self.encoder.cache.get(image_id, compute)
+
+    def support_masks(self, episode: Episode) -> torch.Tensor:
+        masks = []
+        for sid in episode.supports:
+            label = self.source.load_label(sid)
+            _, mask, _ = self.transform(None, binary_target(label, episode.class_id))
+            masks.append(mask)
+        return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
+
+    @torch.no_grad()
+    def run(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-> prediction (H, W), target (H, W) at the query's original label size, model outputs."""
+        label = self.source.load_label(episode.query)
+        q = self._features(episode.query)
+        s = [self._features(sid) for sid in episode.supports]
+        qf = {k: v.unsqueeze(0) for k, v in q.items()}
+        sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
+        out = self.model.forward_features(qf, sf, self.support_masks(episode), (self.size, self.size))
+        hw = label.shape[:2]
+        scaled = self.transform.scaled_hw(hw)
+        logits = restore_logits(out["logits"], scaled, hw)
+        prediction = logits.argmax(dim=1)[0]
+        target = torch.from_numpy(binary_target(label, episode.class_id).astype(np.int64)).to(self.device)
+        return prediction, target, out
+
+
+def evaluate_episodes(
+    model,
+    source,
+    episodes: list[Episode],
+    classes: list[int],
+    size: int,
+    device: torch.device,
+    cache: FeatureCache | None = None,
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+    on_episode: Callable[[int, EpisodeResult], None] | None = None,
+) -> FewShotIoU:
+    """Score ``episodes`` (this process's share of them) and return the metric, summed over processes."""
+    dist_info = dist_info or DistInfo()
+    runner = EpisodeRunner(model, source, size, device, cache)
+    metric = FewShotIoU(classes)
+    model.eval()
+    mine = range(dist_info.rank, len(episodes), dist_info.world_size)
+    for i in tqdm(mine, desc=desc, disable=not (progress and dist_info.is_main), leave=False):
+        prediction, target, out = runner.run(episodes[i])
+        metric.update(prediction, target, episodes[i].class_id)
+        if on_episode is not None:
+            on_episode(i, EpisodeResult(episodes[i], prediction, out))
+    metric.all_reduce()
+    return metric
+
+
+def episode_file(cfg: Config, bench: Benchmark, seed: int, episodes: int, output_dir: Path) -> Path:
+    folder = Path(cfg.eval.episode_dir) if cfg.eval.episode_dir else output_dir / "episodes"
+    name = f"{bench.name}-fold{bench.fold}-{cfg.data.shots}shot-seed{seed}-n{episodes}.json"
+    return folder / name
+
+
+def load_or_make_episodes(cfg: Config, bench: Benchmark, seed: int, path: Path, dist_info: DistInfo) -> list[Episode]:
+    """Read the episode file, writing it first (main process only) when it does not exist."""
+    from dedn.engine.distributed import barrier
+
+    n = cfg.eval.episodes
+    if not path.exists() and dist_info.is_main:
+        episodes = sample_test_episodes(bench.split.test_pairs, n, cfg.data.shots, seed)
+        write_episodes(path, episodes, bench.episode_meta(shots=cfg.data.shots, seed=seed, n=n))
+    barrier(dist_info)
+    episodes, meta = read_episodes(path)
+    expected = bench.episode_meta(shots=cfg.data.shots, seed=seed, n=n)
+    clash = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if clash:
+        detail = ", ".join(f"{k}: file {a!r}, run {b!r}" for k, (a, b) in clash.items())
+        raise DataError(f"episode file {path} was made for other settings ({detail}); delete it or point "
+                        "eval.episode_dir elsewhere")
+    return episodes
+
+
+def run_evaluation(
+    cfg: Config,
+    model,
+    device: torch.device,
+    output_dir: Path,
+    checkpoint: Path | None = None,
+    checkpoint_hash: str | None = None,
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+    bench: Benchmark | None = None,
+    on_episode: Callable[[int, int, EpisodeResult], None] | None = None,
+) -> dict:
+    """Evaluate every seed of ``cfg.eval.seeds``; write results.json and results.md (main process)."""
+    dist_info = dist_info or DistInfo()
+    bench = bench or build_benchmark(cfg.data, progress=progress and dist_info.is_main)
+    cache = FeatureCache() if cfg.eval.feature_cache else None
+    per_seed = []
+    start = time.perf_counter()
+    for seed in cfg.eval.seeds:
+        path = episode_file(cfg, bench, seed, cfg.eval.episodes, output_dir)
+        episodes = load_or_make_episodes(cfg, bench, seed, path, dist_info)
+        hook = (lambda i, r, seed=seed: on_episode(seed, i, r)) if on_episode else None
+        metric = evaluate_episodes(
+            model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, device, cache,
+            dist_info, progress, desc=f"eval seed {seed}", on_episode=hook,
+        )
+        result = metric.compute()
+        result["seed"] = seed
+        result["episode_file"] = str(path)
+        per_seed.append(result)
+    elapsed = time.perf_counter() - start
+    summary = aggregate_seeds(per_seed)
+    results = {
+        "method": cfg.model.method,
+        "settings": {
+            "benchmark": bench.name,
+            "protocol": cfg.data.protocol,
+            "fold": bench.fold,
+            "shots": cfg.data.shots,
+            "episodes": cfg.eval.episodes,
+            "seeds": list(cfg.eval.seeds),
+            "image_size": cfg.data.image_size,
+            "scored_at": "original label size",
+            "backbone": cfg.model.backbone,
+            "backbone_weights": cfg.model.weights,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "checkpoint_sha256": checkpoint_hash,
+            "novel_classes": bench.split.novel,
+            "class_names": {c: bench.test_source.class_names[c - 1] for c in bench.split.novel},
+            "feature_cache": cfg.eval.feature_cache,
+            "world_size": dist_info.world_size,
+        },
+        "summary": summary,
+        "per_seed": per_seed,
+        "seconds": round(elapsed, 2),
+        "config": to_dict(cfg),
+    }
+    if dist_info.is_main:
+        atomic_write_json(output_dir / "results.json", results)
+        atomic_write_text(output_dir / "results.md", results_markdown(results))
+    return results
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def results_markdown(results: dict) -> str:
+    s = results["settings"]
+    summary = results["summary"]
+    lines = [
+        f"# {results['method']} on {s['benchmark']} fold {s['fold']}, {s['shots']}-shot",
+        "",
+        f"{s['episodes']} episodes x {len(s['seeds'])} seeds ({s['seeds']}), image size {s['image_size']}, "
+        f"scored at the original label size, backbone {s['backbone']} ({s['backbone_weights']}).",
+        "",
+        "| metric | mean | std |",
+        "|---|---|---|",
+        f"| mIoU | {_pct(summary['miou']['mean'])} | {_pct(summary['miou']['std'])} |",
+        f"| FB-IoU | {_pct(summary['fbiou']['mean'])} | {_pct(summary['fbiou']['std'])} |",
+        "",
+        "| class | IoU (mean over seeds) |",
+        "|---|---|",
+    ]
+    names = s["class_names"]
+    for c, v in summary["class_iou"].items():
+        lines.append(f"| {c} {names.get(c, names.get(int(c), ''))} | {_pct(v['mean'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(results: dict) -> str:
+    summary = results["summary"]
+    return (
+        f"{results['method']}: mIoU {_pct(summary['miou']['mean'])} +- {_pct(summary['miou']['std'])}, "
+        f"FB-IoU {_pct(summary['fbiou']['mean'])} +- {_pct(summary['fbiou']['std'])}"
+    )
+
+
+def dump(results: dict) -> str:
+    return json.dumps(results["summary"], indent=2)

@@ -1,0 +1,321 @@
+"""Episodic training of DEDN and its trainable baselines.
+
+Episode ``i`` of a run is a pure function of ``(train.seed, i)``: the batch of step ``t`` is episodes
+``t*B .. t*B+B-1`` whatever the number of processes or data-loader workers, and ``--resume`` continues
+exactly where a run stopped (model, optimizer, schedule and the dropout RNG are all in the checkpoint).
+Validation uses held-out training images of base classes only; the test episodes are never touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dedn.config import Config, dump_config, to_dict
+from dedn.data.episodes import sample_test_episodes, train_episode
+from dedn.data.transforms import TestTransform, TrainTransform
+from dedn.engine.benchmark import Benchmark, binary_target, build_benchmark, pairs_by_class
+from dedn.engine.checkpoint import (
+    checkpoint_config,
+    check_compatible,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    trainable_state,
+)
+from dedn.engine.distributed import DistInfo, barrier
+from dedn.engine.evaluate import evaluate_episodes
+from dedn.engine.features import FeatureCache
+from dedn.errors import ConfigError
+from dedn.losses import dedn_loss
+from dedn.models.network import FewShotSegmenter
+from dedn.utils.io import atomic_write_text
+
+
+class TrainEpisodes(Dataset):
+    """Training episodes with image-space augmentation: item ``i`` depends only on (seed, i)."""
+
+    def __init__(self, source, by_class, shots: int, transform: TrainTransform, seed: int):
+        self.source = source
+        self.by_class = by_class
+        self.shots = shots
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:  # indices are drawn by the sampler; the length is nominal
+        return 2**62
+
+    def _augment(self, image_id: str, class_id: int, rng: np.random.Generator):
+        image, label = self.source.load_pair(image_id)
+        target = binary_target(label, class_id)
+        # a random crop can cut the object out; retry a few times, as PFENet does
+        for _ in range(5):
+            img, mask = self.transform(image, target, rng)
+            if (mask == 1).sum() >= 16:
+                break
+        return img, mask
+
+    def __getitem__(self, index: int) -> dict:
+        ep = train_episode(self.by_class, self.shots, self.seed, index)
+        rng = np.random.default_rng([self.seed, index, 7])
+        q_img, q_mask = self._augment(ep.query, ep.class_id, rng)
+        sup = [self._augment(sid, ep.class_id, rng) for sid in ep.supports]
+        return {
+            "query_image": q_img,
+            "query_mask": q_mask,
+            "support_images": torch.stack([s[0] for s in sup]),
+            "support_masks": torch.stack([s[1] for s in sup]),
+        }
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this process's episode indices for steps ``start..end-1`` (a batch each)."""
+
+    def __init__(self, start: int, end: int, batch: int, dist_info: DistInfo):
+        if batch % dist_info.world_size:
+            raise ConfigError(
+                f"train.batch_size = {batch} is not divisible by the {dist_info.world_size} processes"
+            )
+        self.start, self.end, self.batch, self.info = start, end, batch, dist_info
+
+    def __iter__(self):
+        per = self.batch // self.info.world_size
+        for step in range(self.start, self.end):
+            base = step * self.batch + self.info.rank * per
+            yield list(range(base, base + per))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class FeatureEpisodes:
+    """Training episodes on cached frozen features: every training image is encoded once at the test
+    resolution, and augmentation is a random horizontal flip in feature space. Much cheaper on a CPU,
+    at the cost of scale/rotation augmentation (see docs/method.md)."""
+
+    def __init__(self, model: FewShotSegmenter, source, by_class, shots: int, size: int, flip: float,
+                 seed: int, device: torch.device, progress: bool):
+        self.by_class, self.shots, self.flip, self.seed, self.size = by_class, shots, flip, seed, size
+        transform = TestTransform(size)
+        ids = sorted({i for pairs in by_class.values() for i in pairs})
+        self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.labels: dict[str, torch.Tensor] = {}
+        for image_id in tqdm(ids, desc="encoding training images", disable=not progress, leave=False):
+            image, label = source.load_pair(image_id)
+            img, lab, _ = transform(image, label)
+            feats = model.encode(img.unsqueeze(0).to(device))
+            self.features[image_id] = {k: v[0] for k, v in feats.items()}
+            self.labels[image_id] = lab.to(torch.uint8)
+
+    def _item(self, image_id: str, class_id: int, flip: bool):
+        feats = self.features[image_id]
+        mask = torch.from_numpy(binary_target(self.labels[image_id].numpy(), class_id).astype(np.int64))
+        if flip:
+            feats = {k: v.flip(-1) for k, v in feats.items()}
+            mask = mask.flip(-1)
+        return feats, mask
+
+    def batch(self, indices: list[int], device: torch.device) -> dict:
+        q_feats, q_masks, s_feats, s_masks = [], [], [], []
+        for index in indices:
+            ep = train_episode(self.by_class, self.shots, self.seed, index)
+            flips = np.random.default_rng([self.seed, index, 7]).random(1 + self.shots) < self.flip
+            f, m = self._item(ep.query, ep.class_id, bool(flips[0]))
+            q_feats.append(f)
+            q_masks.append(m)
+            sup = [self._item(sid, ep.class_id, bool(fl)) for sid, fl in zip(ep.supports, flips[1:], strict=True)]
+            s_feats.append({k: torch.stack([s[0][k] for s in sup]) for k in f})
+            s_masks.append(torch.stack([s[1] for s in sup]))
+        keys = q_feats[0].keys()
+        return {
+            "query": {k: torch.stack([f[k] for f in q_feats]).to(device) for k in keys},
+            "supports": {k: torch.stack([f[k] for f in s_feats]).to(device) for k in keys},
+            "query_mask": torch.stack(q_masks).to(device),
+            "support_masks": torch.stack(s_masks).to(device),
+        }
+
+
+def poly_schedule(optimizer, steps: int, power: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / steps) ** power)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, output_dir: Path, device: torch.device, dist_info: DistInfo | None = None,
+                 progress: bool = True, bench: Benchmark | None = None):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.device = device
+        self.info = dist_info or DistInfo()
+        self.progress = progress and self.info.is_main
+        if cfg.model.method in ("proto", "prior"):
+            raise ConfigError(f"model.method = {cfg.model.method} is training-free; evaluate it with `dedn eval`")
+        self.bench = bench or build_benchmark(cfg.data, progress=self.progress)
+        if not self.bench.split.train_pairs:
+            raise ConfigError("no training pairs: check data.fold, data.min_pixels and the data root")
+        torch.manual_seed(cfg.train.seed)
+        self.model = FewShotSegmenter(cfg.model).to(device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.scheduler = poly_schedule(self.optimizer, t.steps, t.poly_power)
+        self.step = 0
+        self.best = {"miou": -1.0, "step": -1}
+        self.by_class = pairs_by_class(self.bench.split.train_pairs)
+        self.val_episodes = []
+        if self.bench.split.val_pairs and t.val_episodes > 0:
+            self.val_episodes = sample_test_episodes(
+                self.bench.split.val_pairs, t.val_episodes, cfg.data.shots, seed=10_000 + t.seed
+            )
+        self.val_cache = FeatureCache()
+        self.ddp = None
+        if self.info.enabled:
+            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {
+            "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "best": dict(self.best),
+            "rng": torch.get_rng_state(),
+            "version": 1,
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.output_dir / "checkpoints" / name
+        if self.info.is_main:
+            save_checkpoint(path, self.state())
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        check_compatible(checkpoint_config(state, path), self.cfg, path)
+        load_model_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best = dict(state.get("best", self.best))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self):
+        cfg = self.cfg
+        sampler = StepSampler(self.step, cfg.train.steps, cfg.train.batch_size, self.info)
+        if cfg.train.feature_cache:
+            episodes = FeatureEpisodes(
+                self.model, self.bench.train_source, self.by_class, cfg.data.shots, cfg.data.image_size,
+                cfg.train.augment.flip, cfg.train.seed, self.device, self.progress,
+            )
+            for indices in sampler:
+                yield episodes.batch(indices, self.device)
+            return
+        a = cfg.train.augment
+        transform = TrainTransform(cfg.data.image_size, tuple(a.scale), a.rotate, a.blur, a.flip)
+        dataset = TrainEpisodes(self.bench.train_source, self.by_class, cfg.data.shots, transform, cfg.train.seed)
+        # a private generator: the loader must not draw from the global RNG (that would shift dropout)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.workers,
+                            generator=torch.Generator(), persistent_workers=False)
+        for batch in loader:
+            yield {
+                "query": batch["query_image"].to(self.device),
+                "supports": batch["support_images"].to(self.device),
+                "query_mask": batch["query_mask"].to(self.device),
+                "support_masks": batch["support_masks"].to(self.device),
+            }
+
+    def _forward(self, batch: dict) -> dict:
+        net = self.ddp or self.model
+        size = (self.cfg.data.image_size, self.cfg.data.image_size)
+        if isinstance(batch["query"], dict):
+            return net(batch["query"], batch["supports"], batch["support_masks"], out_size=size)
+        return net(batch["query"], batch["supports"], batch["support_masks"])
+
+    def validate(self) -> dict | None:
+        if not self.val_episodes:
+            return None
+        metric = evaluate_episodes(
+            self.model, self.bench.train_source, self.val_episodes, self.bench.split.base,
+            self.cfg.data.image_size, self.device, self.val_cache, self.info, progress=False,
+        )
+        self.model.train()
+        return metric.compute()
+
+    def log(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        t = cfg.train
+        if self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
+        self.writer = None
+        if self.info.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.writer = None
+        self.model.train()
+        use_amp = t.amp and self.device.type == "cuda"
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not self.progress)
+        running: dict[str, float] = {}
+        start = time.perf_counter()
+        for batch in self._batches():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out = self._forward(batch)
+                losses = dedn_loss(out, batch["query_mask"], cfg.loss, self.model.expert_names)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            bar.update(1)
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + float(v.detach())
+            if not math.isfinite(running["total"]):
+                raise FloatingPointError(f"loss became {running['total']} at step {self.step}")
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                n = t.log_every if self.step % t.log_every == 0 else self.step % t.log_every
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                          **{f"loss/{k}": v / n for k, v in running.items()},
+                          "seconds": round(time.perf_counter() - start, 2)}
+                bar.set_postfix(loss=f"{record['loss/total']:.3f}")
+                self.log(record)
+                running = {}
+            if self.step % t.val_every == 0 or self.step == t.steps:
+                val = self.validate()
+                if val is not None:
+                    self.log({"step": self.step, "val/miou": val["miou"], "val/fbiou": val["fbiou"]})
+                    if val["miou"] > self.best["miou"]:
+                        self.best = {"miou": val["miou"], "step": self.step}
+                        self.save("best.pt")
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save("last.pt")
+            barrier(self.info)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if not self.val_episodes and self.info.is_main:
+            self.save("best.pt")  # nothing to select on: the final model
+        return {"steps": self.step, "best": self.best, "seconds": time.perf_counter() - start}

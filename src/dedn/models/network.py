@@ -1,0 +1,229 @@
+"""DEDN and the baselines that share its code: one model class, switched by ``model.method``.
+
+- ``dedn``: object expert + scenario expert, fused by Adaptive Weighted Fusion (or plain averaging);
+- ``object`` / ``scenario``: one expert alone;
+- ``proto`` / ``prior``: training-free baselines on the frozen high-level features.
+
+The frozen backbone is separated from the rest (:meth:`FewShotSegmenter.encode`), so an image's
+backbone features can be computed once and reused in every episode where it appears.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dedn.config import ModelConfig
+from dedn.models.experts import ObjectExpert, ScenarioExpert
+from dedn.models.fusion import fuse_probabilities, fusion_weights
+from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou
+
+TRAINING_FREE = ("proto", "prior")
+#: logit margin used where the answer is fixed (an empty support: everything is background)
+_FIXED_LOGIT = 20.0
+
+
+def build_backbone(cfg: ModelConfig):
+    from dedn.models.backbones import create_backbone
+
+    return create_backbone(cfg.backbone, weights=cfg.weights, dilate=cfg.dilate)
+
+
+class FewShotSegmenter(nn.Module):
+    """A few-shot segmentation model: frozen backbone + the method's heads.
+
+    Inputs are episodes: ``query`` (B, 3, H, W) in [0, 1], ``supports`` (B, K, 3, H, W) and
+    ``support_masks`` (B, K, H, W) in {0, 1, 255}. Outputs are dicts with ``logits`` (B, 2, H, W)
+    (for DEDN the log of the fused probability) and, for trained methods, each expert's logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else build_backbone(cfg)
+        levels = self.backbone.default_levels
+        self.mid_levels = list(cfg.mid_levels or levels["mid"])
+        self.high_levels = list(cfg.high_levels or levels["high"])
+        info = self.backbone.feature_info
+        for name in self.mid_levels + self.high_levels:
+            if name not in info:
+                raise ValueError(
+                    f"backbone {cfg.backbone} has no level '{name}'; it has: {', '.join(info)}"
+                )
+        self.method = cfg.method
+        self.expert_names: list[str] = []
+        if self.method in TRAINING_FREE:
+            return
+        mid_channels = sum(info[n].channels for n in self.mid_levels)
+        c = cfg.channels
+        self.reduce = nn.Sequential(
+            nn.Conv2d(mid_channels, c, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(cfg.dropout)
+        )
+        self.experts = nn.ModuleDict()
+        if self.method in ("dedn", "object"):
+            self.experts["object"] = ObjectExpert(c, cfg.object, cfg.dropout)
+        if self.method in ("dedn", "scenario"):
+            self.experts["scenario"] = ScenarioExpert(c, cfg.scenario, cfg.dropout)
+        self.expert_names = list(self.experts)
+
+    @property
+    def trainable(self) -> bool:
+        return self.method not in TRAINING_FREE
+
+    # ------------------------------------------------------------------ frozen encoder
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> dict[str, Tensor]:
+        """Frozen features of (N, 3, H, W) images: ``mid`` (N, Cm, h, w) raw, ``high`` (N, Ch, h, w)
+        with each level L2-normalised over channels (pitfall 3 of BACKBONES.md: levels differ in scale)."""
+        self.backbone.eval()
+        feats = self.backbone(images, levels=self.mid_levels + self.high_levels)
+        size = feats[self.mid_levels[0]].shape[-2:]
+
+        def fit(x: Tensor) -> Tensor:
+            return x if x.shape[-2:] == size else F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+        mid = torch.cat([fit(feats[n]) for n in self.mid_levels], dim=1)
+        high = torch.cat([F.normalize(fit(feats[n]), dim=1) for n in self.high_levels], dim=1)
+        return {"mid": mid, "high": high}
+
+    def forward(self, query, supports, support_masks: Tensor, out_size: tuple[int, int] | None = None) -> dict:
+        """Images (query (B, 3, H, W), supports (B, K, 3, H, W)) or, when ``query`` is a dict, their
+        precomputed features (then ``out_size`` is the input size)."""
+        if isinstance(query, dict):
+            if out_size is None:
+                raise ValueError("out_size is required when the model is given features")
+            return self.forward_features(query, supports, support_masks, out_size)
+        b, k = supports.shape[:2]
+        q = self.encode(query)
+        s = self.encode(supports.flatten(0, 1))
+        s = {name: t.view(b, k, *t.shape[1:]) for name, t in s.items()}
+        return self.forward_features(q, s, support_masks, tuple(query.shape[-2:]))
+
+    # ------------------------------------------------------------------ heads
+    def forward_features(
+        self,
+        query: dict[str, Tensor],
+        supports: dict[str, Tensor],
+        support_masks: Tensor,
+        out_size: tuple[int, int],
+        fuse: bool = True,
+    ) -> dict[str, Tensor]:
+        """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w).
+
+        ``fuse=False`` skips the support pass of AWF (used for that pass itself).
+        """
+        b, k = support_masks.shape[:2]
+        h, w = query["mid"].shape[-2:]
+        fg, bg = mask_fractions(support_masks.flatten(0, 1), (h, w))
+        fg, bg = fg.view(b, k, 1, h, w), bg.view(b, k, 1, h, w)
+        if self.method == "proto":
+            out = {"logits": self._proto_logits(query["high"], supports["high"], fg, bg)}
+        elif self.method == "prior":
+            prior = cosine_prior(query["high"], supports["high"], fg)
+            thr = self.cfg.baseline.prior_threshold
+            out = {"logits": torch.cat([torch.full_like(prior, thr), prior], dim=1) * 10.0, "prior": prior}
+        else:
+            out = self._expert_outputs(query, supports, fg, bg)
+        out = self._upsample(out, out_size)
+        if self.method == "dedn":
+            probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
+            if self.cfg.fusion.mode == "awf" and fuse:
+                scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
+                weights = fusion_weights(scores, self.cfg.fusion.temperature)
+                out["support_scores"] = scores
+            else:
+                weights = torch.full((b, len(probs)), 1.0 / len(probs), device=probs[0].device)
+            confidence = self.cfg.fusion.confidence and self.cfg.fusion.mode == "awf"
+            fused = fuse_probabilities(probs, weights, confidence)
+            out["fusion_weights"] = weights
+            out["probability"] = fused
+            out["logits"] = fused.clamp_min(1e-6).log()
+        elif self.method in ("object", "scenario"):
+            out["logits"] = out["experts"][self.method]
+        # An episode whose supports have no foreground pixel has nothing to find: predict background.
+        empty = (support_masks == 1).flatten(1).sum(dim=1) == 0
+        if empty.any():
+            fixed = torch.zeros_like(out["logits"])
+            fixed[:, 0] = _FIXED_LOGIT
+            out["logits"] = torch.where(empty.view(b, 1, 1, 1), fixed, out["logits"])
+        out["empty_support"] = empty
+        return out
+
+    def _expert_outputs(self, query, supports, fg, bg) -> dict:
+        b, k = fg.shape[:2]
+        fq = self.reduce(query["mid"])
+        fs = self.reduce(supports["mid"].flatten(0, 1))
+        fs = fs.view(b, k, *fs.shape[1:])
+        out: dict = {"experts": {}, "aux": {"support_fg": fg, "support_bg": bg}}
+        if "object" in self.experts:
+            o = self.experts["object"](fq, fs, fg, query["high"], supports["high"])
+            out["experts"]["object"] = o["logits"]
+            out["aux"].update({key: v for key, v in o.items() if key != "logits"})
+        if "scenario" in self.experts:
+            s = self.experts["scenario"](fq, fs, fg, bg)
+            out["experts"]["scenario"] = s["logits"]
+            out["aux"]["evidence"] = s["evidence"]
+        return out
+
+    @staticmethod
+    def _upsample(out: dict, size: tuple[int, int]) -> dict:
+        def up(x: Tensor) -> Tensor:
+            return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+        if "logits" in out:
+            out["logits"] = up(out["logits"])
+        if "experts" in out:
+            out["experts"] = {name: up(x) for name, x in out["experts"].items()}
+        return out
+
+    def support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
+        """Soft IoU of each expert on the support set: (B, E).
+
+        K = 1: the support is fed as its own query. K > 1: leave-one-out, shot k is the query and the
+        other K - 1 shots are its supports. Reuses the support features already computed.
+        """
+        # The weights are a per-episode estimate, not a training signal: no gradient, no activations kept.
+        with torch.no_grad():
+            return self._support_scores(supports, support_masks, out_size)
+
+    def _support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
+        b, k = support_masks.shape[:2]
+        if k == 1:
+            rest = [[0]]
+        else:
+            rest = [[j for j in range(k) if j != i] for i in range(k)]
+        index = torch.tensor(rest, device=support_masks.device)  # (K, K')
+        pseudo_query = {n: t.flatten(0, 1) for n, t in supports.items()}  # (B*K, ...)
+        pseudo_supports = {n: t[:, index].flatten(0, 1) for n, t in supports.items()}  # (B*K, K', ...)
+        pseudo_masks = support_masks[:, index].flatten(0, 1)  # (B*K, K', H, W)
+        out = self.forward_features(pseudo_query, pseudo_supports, pseudo_masks, out_size, fuse=False)
+        targets = support_masks.flatten(0, 1)
+        scores = [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], targets) for e in self.expert_names]
+        return torch.stack(scores, dim=1).view(b, k, -1).mean(dim=1)
+
+    def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
+        """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""
+        b, k, c, h, w = support_high.shape
+        q = F.normalize(query_high, dim=1)
+        if self.cfg.baseline.proto_matching == "nearest":
+            s = F.normalize(support_high, dim=2).permute(0, 2, 1, 3, 4).reshape(b, c, -1)  # (B, C, K*hw)
+            sim = torch.einsum("bcq,bcs->bqs", q.flatten(2), s)
+            best = []
+            for frac in (bg, fg):
+                keep = frac.reshape(b, 1, -1) > 0.5
+                best.append(sim.masked_fill(~keep, -2.0).max(dim=2).values.view(b, h, w))
+            return torch.stack(best, dim=1) * 10.0
+        s = support_high.flatten(0, 1)
+        protos = []
+        for frac in (bg, fg):
+            f = frac.flatten(0, 1)
+            area = f.sum(dim=(2, 3)).view(b, k, 1)
+            per_shot = masked_average_pool(s, f).view(b, k, c)
+            protos.append(F.normalize((per_shot * area).sum(1) / area.sum(1).clamp_min(1e-6), dim=1))
+        sims = [F.cosine_similarity(q, p[:, :, None, None], dim=1) for p in protos]
+        return torch.stack(sims, dim=1) * 10.0
+
+
+def build_model(cfg: ModelConfig, backbone: nn.Module | None = None) -> FewShotSegmenter:
+    return FewShotSegmenter(cfg, backbone)

@@ -1,0 +1,141 @@
+"""Small tensor operations shared by the experts and the baselines.
+
+Shapes: B episodes, K shots, C channels, (h, w) the feature grid, (H, W) the network input.
+Masks are {0, 1, 255} label maps; 255 pixels count as neither foreground nor background.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-6
+
+
+def mask_fractions(masks: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Foreground and background fraction of each feature cell.
+
+    masks: (N, H, W) in {0, 1, 255} -> fg, bg: (N, 1, h, w) in [0, 1]. Area pooling (not nearest
+    sampling) so that thin objects still reach the coarse grid.
+    """
+    fg = (masks == 1).float().unsqueeze(1)
+    bg = (masks == 0).float().unsqueeze(1)
+    return F.adaptive_avg_pool2d(fg, size), F.adaptive_avg_pool2d(bg, size)
+
+
+def masked_average_pool(features: Tensor, weights: Tensor) -> Tensor:
+    """Masked average pooling (MAP): (N, C, h, w), (N, 1, h, w) -> (N, C).
+
+    An empty mask gives a zero vector rather than NaN.
+    """
+    total = weights.sum(dim=(2, 3))
+    return (features * weights).sum(dim=(2, 3)) / (total + EPS)
+
+
+def min_max_normalize(x: Tensor) -> Tensor:
+    """Per-sample min-max normalisation of (N, 1, h, w) maps to [0, 1]; a constant map becomes 0."""
+    flat = x.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + EPS)).view_as(x)
+
+
+def cosine_prior(query_high: Tensor, support_high: Tensor, support_fg: Tensor) -> Tensor:
+    """Training-free prior of PFENet: each query pixel's best cosine match among support fg pixels.
+
+    query_high: (B, C, h, w); support_high: (B, K, C, h, w); support_fg: (B, K, 1, h, w).
+    Returns (B, 1, h, w) in [0, 1]: min-max normalised per shot, then averaged over shots.
+    """
+    b, k, c, h, w = support_high.shape
+    q = F.normalize(query_high.flatten(2), dim=1)  # (B, C, hw)
+    priors = []
+    for shot in range(k):
+        s = F.normalize(support_high[:, shot].flatten(2), dim=1)  # (B, C, hw)
+        fg = (support_fg[:, shot].flatten(1) > 0.5).float()  # (B, hw)
+        sim = torch.einsum("bcq,bcs->bqs", q, s)  # (B, hw_q, hw_s)
+        # pixels outside the support foreground cannot be the best match
+        sim = sim.masked_fill(fg.unsqueeze(1) == 0, -2.0)
+        best = sim.max(dim=2).values.view(b, 1, h, w)
+        empty = fg.sum(dim=1) == 0
+        best = torch.where(empty.view(b, 1, 1, 1), torch.zeros_like(best), best)
+        priors.append(min_max_normalize(best))
+    return torch.stack(priors, dim=0).mean(dim=0)
+
+
+def self_affinity(features: Tensor, temperature: float, window: int = 0) -> Tensor:
+    """Row-softmax of the cosine self-affinity of (B, C, h, w) features -> (B, hw, hw).
+
+    ``window`` > 0 keeps only pixels within a (2*window+1)^2 neighbourhood.
+    """
+    b, c, h, w = features.shape
+    f = F.normalize(features.flatten(2), dim=1)
+    logits = torch.einsum("bci,bcj->bij", f, f) / temperature
+    if window > 0:
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=features.device), torch.arange(w, device=features.device), indexing="ij"
+        )
+        ys, xs = ys.flatten(), xs.flatten()
+        far = ((ys[:, None] - ys[None, :]).abs() > window) | ((xs[:, None] - xs[None, :]).abs() > window)
+        logits = logits.masked_fill(far.unsqueeze(0), float("-inf"))
+    return logits.softmax(dim=2)
+
+
+def continuity_guidance(prior: Tensor, features: Tensor, steps: int, temperature: float, window: int = 0) -> Tensor:
+    """Object Continuity Guidance: spread the prior over the object's continuous extent.
+
+    ``G = norm(A^t Y)`` with A the query self-affinity: a pixel inherits the prior of the pixels that look
+    like it, so a prior that fires only on an object's most discriminative part reaches the rest of it.
+    prior: (B, 1, h, w), features: (B, C, h, w) -> (B, 1, h, w) in [0, 1].
+    """
+    b, _, h, w = prior.shape
+    affinity = self_affinity(features, temperature, window)  # (B, hw, hw)
+    g = prior.flatten(2).transpose(1, 2)  # (B, hw, 1)
+    for _ in range(steps):
+        g = torch.bmm(affinity, g)
+    return min_max_normalize(g.transpose(1, 2).reshape(b, 1, h, w))
+
+
+def scene_normalize(features: Tensor) -> Tensor:
+    """Scenario Normalization: standardise each channel by the image's own scene statistics.
+
+    (N, C, h, w) -> (N, C, h, w) with zero mean and unit variance per image and channel, no affine.
+    """
+    mean = features.mean(dim=(2, 3), keepdim=True)
+    std = features.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (features - mean) / (std + 1e-5)
+
+
+def scene_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    return features.mean(dim=(2, 3), keepdim=True), features.std(dim=(2, 3), keepdim=True, unbiased=False)
+
+
+def gram_difference(query: Tensor, support: Tensor) -> Tensor:
+    """BAM's scene difference: Frobenius distance of the Gram matrices. (B, C, h, w), (B, K, C, h, w) -> (B,)."""
+
+    def gram(x: Tensor) -> Tensor:
+        f = F.normalize(x.flatten(2), dim=2)
+        return torch.bmm(f, f.transpose(1, 2))
+
+    gq = gram(query)
+    diffs = [(gq - gram(support[:, k])).flatten(1).norm(dim=1) for k in range(support.shape[1])]
+    return torch.stack(diffs, dim=1).mean(dim=1) / query.shape[1]
+
+
+def soft_iou(fg_prob: Tensor, masks: Tensor) -> Tensor:
+    """Soft IoU of foreground probabilities (N, H, W) against {0, 1, 255} masks (N, H, W) -> (N,).
+
+    Ignore pixels are left out; an empty union gives 0.
+    """
+    valid = (masks != 255).float()
+    target = (masks == 1).float()
+    p = fg_prob * valid
+    inter = (p * target).sum(dim=(1, 2))
+    union = (p + target - p * target).sum(dim=(1, 2))
+    return torch.where(union > 0, inter / union.clamp_min(EPS), torch.zeros_like(union))
+
+
+def binary_confidence(prob: Tensor) -> Tensor:
+    """1 - H(p) / log 2 for two-class probabilities (N, 2, H, W) -> (N, 1, H, W) in [0, 1]."""
+    entropy = -(prob * prob.clamp_min(1e-8).log()).sum(dim=1, keepdim=True)
+    return (1.0 - entropy / torch.log(torch.tensor(2.0, device=prob.device))).clamp(0.0, 1.0)

@@ -1,0 +1,250 @@
+"""The network: every method and switch runs forward and backward; the parts behave as specified."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dedn.config import LossConfig, ModelConfig
+from dedn.losses import dedn_loss, positive_guided_kl, prototype_contrast
+from dedn.models.fusion import fuse_probabilities, fusion_weights
+from dedn.models.network import FewShotSegmenter
+from dedn.models.ops import continuity_guidance, cosine_prior, scene_normalize, soft_iou
+from dedn.models.toy import ToyBackbone
+
+
+def episode(b=2, k=1, size=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.rand(b, 3, size, size, generator=g)
+    supports = torch.rand(b, k, 3, size, size, generator=g)
+    masks = torch.zeros(b, k, size, size, dtype=torch.long)
+    masks[..., size // 4 : size // 2, size // 4 : 3 * size // 4] = 1
+    masks[..., :2, :] = 255
+    target = torch.zeros(b, size, size, dtype=torch.long)
+    target[:, size // 3 : 2 * size // 3, size // 3 : 2 * size // 3] = 1
+    return query, supports, masks, target
+
+
+def with_changes(cfg, **changes):
+    """ModelConfig with dotted-path changes, e.g. {'object.ocg.enabled': False}."""
+    cfg = dataclasses.replace(cfg)
+    for path, value in changes.items():
+        node = cfg
+        *parents, last = path.split("__")
+        for p in parents:
+            child = dataclasses.replace(getattr(node, p))
+            setattr(node, p, child)
+            node = child
+        setattr(node, last, value)
+    return cfg
+
+
+ABLATIONS = {
+    "full": {},
+    "no_ocg": {"object__ocg__enabled": False},
+    "ocg_window": {"object__ocg__window": 2},
+    "no_prior": {"object__use_prior": False},
+    "sn_none": {"scenario__normalization": "none"},
+    "sn_adain": {"scenario__normalization": "adain"},
+    "gram": {"scenario__gram_difference": True},
+    "fusion_mean": {"fusion__mode": "mean"},
+    "no_confidence": {"fusion__confidence": False},
+}
+
+
+def run_train_step(model, loss_cfg, k):
+    query, supports, masks, target = episode(k=k)
+    model.train()
+    out = model(query, supports, masks)
+    losses = dedn_loss(out, target, loss_cfg, model.expert_names)
+    losses["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(v) for v in losses.values())
+    return out, losses
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_dedn_switches_forward_backward(name, k):
+    cfg = with_changes(ModelConfig(channels=16), **ABLATIONS[name])
+    model = FewShotSegmenter(cfg, ToyBackbone())
+    out, _ = run_train_step(model, LossConfig(), k)
+    assert out["logits"].shape == (2, 2, 48, 48)
+    assert out["fusion_weights"].shape == (2, 2)
+    assert torch.allclose(out["fusion_weights"].sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["correct", "foreground", "off"])
+def test_loss_switches(mode):
+    model = FewShotSegmenter(ModelConfig(channels=16), ToyBackbone())
+    loss_cfg = LossConfig()
+    loss_cfg.distill.mode = mode
+    loss_cfg.contrast.weight = 0.0 if mode == "off" else 0.1
+    _, losses = run_train_step(model, loss_cfg, 1)
+    assert ("pkl" in losses) == (mode != "off")
+    assert ("contrast" in losses) == (mode != "off")
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("method", ["object", "scenario"])
+def test_single_expert_baselines(method, k):
+    model = FewShotSegmenter(ModelConfig(method=method, channels=16), ToyBackbone())
+    out, losses = run_train_step(model, LossConfig(), k)
+    assert model.expert_names == [method]
+    assert "pkl" not in losses and "ce_fused" not in losses
+    assert torch.equal(out["logits"], out["experts"][method])
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("method", ["proto", "prior"])
+def test_training_free_baselines(method, k):
+    model = FewShotSegmenter(ModelConfig(method=method), ToyBackbone())
+    assert not model.trainable
+    assert not [p for p in model.parameters() if p.requires_grad]
+    query, supports, masks, _ = episode(k=k)
+    out = model(query, supports, masks)
+    assert out["logits"].shape == (2, 2, 48, 48)
+
+
+def test_proto_finds_the_support_object_in_its_own_image():
+    """With the query equal to the support, nearest-prototype matching recovers the mask."""
+    model = FewShotSegmenter(ModelConfig(method="proto"), ToyBackbone())
+    size = 64
+    image = torch.zeros(1, 3, size, size)
+    image[..., 16:48, 16:48] = torch.tensor([1.0, 0.2, 0.1]).view(1, 3, 1, 1)
+    mask = torch.zeros(1, 1, size, size, dtype=torch.long)
+    mask[..., 16:48, 16:48] = 1
+    pred = model(image, image.unsqueeze(1), mask)["logits"].argmax(1)[0]
+    inter = ((pred == 1) & (mask[0, 0] == 1)).sum()
+    union = ((pred == 1) | (mask[0, 0] == 1)).sum()
+    assert inter / union > 0.6
+
+
+def test_empty_support_mask_predicts_background_without_nan():
+    model = FewShotSegmenter(ModelConfig(channels=16), ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=2)
+    masks[0] = 0  # episode 0: no foreground in any shot
+    out = model(query, supports, masks)
+    assert torch.isfinite(out["logits"]).all()
+    assert (out["logits"][0].argmax(0) == 0).all()
+    assert out["empty_support"].tolist() == [True, False]
+
+
+def test_positive_guided_kl_is_zero_when_experts_agree():
+    logits = torch.randn(2, 2, 8, 8)
+    target = torch.randint(0, 2, (2, 8, 8))
+    assert positive_guided_kl(logits, logits.clone(), target).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_positive_guided_kl_picks_the_teacher_per_pixel_and_teaches_only_the_student():
+    target = torch.tensor([[[1, 0]]])  # one image, two pixels: fg then bg
+    # pixel 0 (fg): a is right and more confident -> a teaches b; pixel 1 (bg): b is right -> b teaches a
+    a = torch.tensor([[[[0.0, 2.0]], [[3.0, 0.0]]]], requires_grad=True)  # (1, 2, 1, 2): class x pixel
+    b = torch.tensor([[[[0.0, 0.0]], [[0.5, -3.0]]]], requires_grad=True)
+    loss = positive_guided_kl(a, b, target)
+    loss.backward()
+    # a is the teacher at pixel 0 -> no gradient there; b is the teacher at pixel 1 -> no gradient there
+    assert a.grad[..., 0].abs().sum() == 0 and a.grad[..., 1].abs().sum() > 0
+    assert b.grad[..., 1].abs().sum() == 0 and b.grad[..., 0].abs().sum() > 0
+
+
+def test_positive_guided_kl_skips_pixels_where_the_teacher_is_wrong_and_foreground_mode():
+    target = torch.tensor([[[1, 0]]])
+    # both experts predict background at the fg pixel: the more confident-in-label one is still wrong
+    a = torch.tensor([[[[2.0, 2.0]], [[1.0, 0.0]]]], requires_grad=True)
+    b = torch.tensor([[[[3.0, 0.0]], [[0.0, 0.0]]]], requires_grad=True)
+    loss = positive_guided_kl(a, b, target)
+    loss.backward()
+    assert a.grad[..., 0].abs().sum() == 0 and b.grad[..., 0].abs().sum() == 0
+    fg_only = positive_guided_kl(a.detach(), b.detach(), target, mode="foreground")
+    assert fg_only.item() == 0.0  # the only fg pixel has a wrong teacher
+
+
+def test_positive_guided_kl_ignores_255():
+    a, b = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    target = torch.full((1, 4, 4), 255)
+    assert positive_guided_kl(a, b, target).item() == 0.0
+
+
+def test_fusion_favours_the_expert_that_is_better_on_the_support():
+    """Constructed episode: expert 'good' reproduces the support mask, 'bad' predicts its inverse."""
+    mask = torch.zeros(1, 16, 16, dtype=torch.long)
+    mask[:, 4:12, 4:12] = 1
+    good = torch.stack([1 - mask.float(), mask.float()], dim=1) * 0.9 + 0.05
+    bad = good.flip(1)
+    scores = torch.stack([soft_iou(p[:, 1], mask) for p in (good, bad)], dim=1)
+    weights = fusion_weights(scores, temperature=0.1)
+    assert weights[0, 0] > 0.95
+    fused = fuse_probabilities([good, bad], weights)
+    assert torch.equal(fused.argmax(1), mask)
+
+
+def test_model_fusion_weights_follow_support_scores(monkeypatch):
+    """Inside the model: the expert scored higher on the support set gets the larger weight."""
+    model = FewShotSegmenter(ModelConfig(channels=16), ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=3)
+    monkeypatch.setattr(model, "support_scores", lambda *a, **k: torch.tensor([[0.9, 0.2], [0.1, 0.7]]))
+    out = model(query, supports, masks)
+    assert out["fusion_weights"][0, 0] > 0.99 and out["fusion_weights"][1, 1] > 0.99
+
+
+def test_leave_one_out_support_scores_shape_and_range():
+    model = FewShotSegmenter(ModelConfig(channels=16), ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=3)
+    out = model(query, supports, masks)
+    assert out["support_scores"].shape == (2, 2)
+    assert ((out["support_scores"] >= 0) & (out["support_scores"] <= 1)).all()
+
+
+def test_scene_normalize_removes_scene_statistics():
+    x = torch.randn(2, 4, 6, 6) * 5 + 3
+    y = scene_normalize(x)
+    assert torch.allclose(y.mean(dim=(2, 3)), torch.zeros(2, 4), atol=1e-5)
+    assert torch.allclose(y.std(dim=(2, 3), unbiased=False), torch.ones(2, 4), atol=1e-3)
+    # a global change of brightness/contrast of the scene does not change the normalised features
+    assert torch.allclose(scene_normalize(2 * x + 7), y, atol=1e-4)
+
+
+def test_continuity_guidance_spreads_the_prior_over_a_uniform_object():
+    features = torch.zeros(1, 2, 6, 6)
+    features[:, 0] = 1.0
+    features[:, 1, 1:5, 1:5] = 5.0  # an object region whose pixels look alike
+    features[:, 0, 1:5, 1:5] = 0.0
+    prior = torch.zeros(1, 1, 6, 6)
+    prior[..., 2, 2] = 1.0  # the prior fires on one discriminative pixel only
+    g = continuity_guidance(prior, features, steps=1, temperature=0.1)
+    inside = g[..., 1:5, 1:5]
+    assert inside.min() > 0.9  # every object pixel now carries the guidance
+    outside = g.clone()
+    outside[..., 1:5, 1:5] = 0
+    assert outside.max() < 0.1
+
+
+def test_cosine_prior_is_normalised_and_averaged_over_shots():
+    q = torch.randn(1, 8, 5, 5)
+    s = torch.randn(1, 3, 8, 5, 5)
+    fg = torch.zeros(1, 3, 1, 5, 5)
+    fg[..., 1:3, 1:3] = 1
+    prior = cosine_prior(q, s, fg)
+    assert prior.shape == (1, 1, 5, 5)
+    assert prior.min() >= 0 and prior.max() <= 1
+    empty = cosine_prior(q, s, torch.zeros_like(fg))
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_contrastive_loss_is_lower_when_fg_pixels_match_the_prototype():
+    c, h, w = 4, 4, 4
+    target = torch.zeros(1, h, w, dtype=torch.long)
+    target[:, :2] = 1
+    proto = torch.tensor([[1.0, 0, 0, 0]])
+    support = torch.zeros(1, 1, c, h, w)
+    support[:, :, 1] = 1.0  # support background points along channel 1
+    bg = torch.ones(1, 1, 1, h, w)
+    aligned = torch.zeros(1, c, h, w)
+    aligned[:, 0, :2] = 1.0
+    aligned[:, 1, 2:] = 1.0
+    swapped = aligned.flip(2)
+    good = prototype_contrast(aligned, target, proto, support, bg)
+    bad = prototype_contrast(swapped, target, proto, support, bg)
+    assert good < 0.01 < bad
