@@ -10,8 +10,8 @@ from pathlib import Path
 from dedn.errors import DednError
 
 
-def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML config file (see configs/)")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (see configs/); default: the synthetic benchmark")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--output", help="output folder (default: the config's output_dir)")

@@ -5,23 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dedn.config import DataConfig
-from dedn.data.base import IGNORE_INDEX, SegmentationSource
+from dedn.data.base import SegmentationSource
+from dedn.data.episodes import episode_meta
 from dedn.data.folds import base_classes, novel_classes
 from dedn.data.index import class_pixel_counts
 from dedn.data.protocol import FewShotSplit, disjoint_split, pairs_by_class, standard_split
 from dedn.errors import ConfigError
 
-__all__ = ["Benchmark", "binary_target", "build_benchmark", "build_source", "pairs_by_class"]
-
-
-def binary_target(label: np.ndarray, class_id: int) -> np.ndarray:
-    """Episode target from a label map: the class -> 1, every other class -> 0, ignore stays 255."""
-    out = (label == class_id).astype(np.uint8)
-    out[label == IGNORE_INDEX] = IGNORE_INDEX
-    return out
+__all__ = ["Benchmark", "build_benchmark", "build_source", "pairs_by_class"]
 
 
 @dataclass
@@ -35,15 +27,8 @@ class Benchmark:
 
     def episode_meta(self, shots: int, seed: int, n: int) -> dict:
         """What an episode file must agree on to be reused for a run."""
-        return {
-            "benchmark": self.name,
-            "fold": self.fold,
-            "convention": self.convention,
-            "shots": shots,
-            "seed": seed,
-            "episodes": n,
-            "source": self.test_source.fingerprint(),
-        }
+        return episode_meta(self.name, self.fold, shots, seed, n, self.test_source.fingerprint(),
+                            convention=self.convention, protocol=self.split.protocol)
 
 
 def _require_root(cfg: DataConfig) -> Path:

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from dedn.config import Config, to_dict
-from dedn.data.episodes import Episode, read_episodes, sample_test_episodes, write_episodes
+from dedn.data.episodes import Episode, binarize, read_episodes, sample_test_episodes, write_episodes
 from dedn.data.transforms import TestTransform, restore_logits
-from dedn.engine.benchmark import Benchmark, binary_target, build_benchmark
+from dedn.data.index import ignore_value
+from dedn.engine.benchmark import Benchmark, build_benchmark
 from dedn.engine.distributed import DistInfo
 from dedn.engine.features import FeatureCache, ImageEncoder
 from dedn.errors import DataError
@@ -48,6 +49,7 @@ class EpisodeRunner:
         self.size = size
         self.device = device
         self.encoder = ImageEncoder(model, device, cache)
+        self.ignore = ignore_value(source)
 
     def _features(self, image_id: str):
         def compute():
@@ -63,7 +65,7 @@ class EpisodeRunner:
         masks = []
         for sid in episode.supports:
             label = self.source.load_label(sid)
-            _, mask, _ = self.transform(None, binary_target(label, episode.class_id))
+            _, mask, _ = self.transform(None, binarize(label, episode.class_id, self.ignore))
             masks.append(mask)
         return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
 
@@ -80,7 +82,7 @@ class EpisodeRunner:
         scaled = self.transform.scaled_hw(hw)
         logits = restore_logits(out["logits"], scaled, hw)
         prediction = logits.argmax(dim=1)[0]
-        target = torch.from_numpy(binary_target(label, episode.class_id).astype(np.int64)).to(self.device)
+        target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(self.device)
         return prediction, target, out
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dedn.config import Config, dump_config, to_dict
-from dedn.data.episodes import sample_test_episodes, train_episode
+from dedn.data.episodes import TrainEpisodeDataset, binarize, sample_test_episodes, train_episode
 from dedn.data.transforms import TestTransform, TrainTransform
-from dedn.engine.benchmark import Benchmark, binary_target, build_benchmark, pairs_by_class
+from dedn.data.index import ignore_value
+from dedn.engine.benchmark import Benchmark, build_benchmark, pairs_by_class
 from dedn.engine.checkpoint import (
     checkpoint_config,
     check_compatible,
@@ -38,42 +39,6 @@ from dedn.errors import ConfigError
 from dedn.losses import dedn_loss
 from dedn.models.network import FewShotSegmenter
 from dedn.utils.io import atomic_write_text
-
-
-class TrainEpisodes(Dataset):
-    """Training episodes with image-space augmentation: item ``i`` depends only on (seed, i)."""
-
-    def __init__(self, source, by_class, shots: int, transform: TrainTransform, seed: int):
-        self.source = source
-        self.by_class = by_class
-        self.shots = shots
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:  # indices are drawn by the sampler; the length is nominal
-        return 2**62
-
-    def _augment(self, image_id: str, class_id: int, rng: np.random.Generator):
-        image, label = self.source.load_pair(image_id)
-        target = binary_target(label, class_id)
-        # a random crop can cut the object out; retry a few times, as PFENet does
-        for _ in range(5):
-            img, mask = self.transform(image, target, rng)
-            if (mask == 1).sum() >= 16:
-                break
-        return img, mask
-
-    def __getitem__(self, index: int) -> dict:
-        ep = train_episode(self.by_class, self.shots, self.seed, index)
-        rng = np.random.default_rng([self.seed, index, 7])
-        q_img, q_mask = self._augment(ep.query, ep.class_id, rng)
-        sup = [self._augment(sid, ep.class_id, rng) for sid in ep.supports]
-        return {
-            "query_image": q_img,
-            "query_mask": q_mask,
-            "support_images": torch.stack([s[0] for s in sup]),
-            "support_masks": torch.stack([s[1] for s in sup]),
-        }
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -108,16 +73,17 @@ class FeatureEpisodes:
         ids = sorted({i for pairs in by_class.values() for i in pairs})
         self.features: dict[str, dict[str, torch.Tensor]] = {}
         self.labels: dict[str, torch.Tensor] = {}
+        self.ignore = ignore_value(source)
         for image_id in tqdm(ids, desc="encoding training images", disable=not progress, leave=False):
             image, label = source.load_pair(image_id)
             img, lab, _ = transform(image, label)
             feats = model.encode(img.unsqueeze(0).to(device))
             self.features[image_id] = {k: v[0] for k, v in feats.items()}
-            self.labels[image_id] = lab.to(torch.uint8)
+            self.labels[image_id] = lab  # (S, S) int64, padding 255
 
     def _item(self, image_id: str, class_id: int, flip: bool):
         feats = self.features[image_id]
-        mask = torch.from_numpy(binary_target(self.labels[image_id].numpy(), class_id).astype(np.int64))
+        mask = torch.from_numpy(binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64))
         if flip:
             feats = {k: v.flip(-1) for k, v in feats.items()}
             mask = mask.flip(-1)
@@ -223,7 +189,9 @@ class Trainer:
             return
         a = cfg.train.augment
         transform = TrainTransform(cfg.data.image_size, tuple(a.scale), a.rotate, a.blur, a.flip)
-        dataset = TrainEpisodes(self.bench.train_source, self.by_class, cfg.data.shots, transform, cfg.train.seed)
+        # episode number = the sampler's global index (epoch 0 of a single long "epoch")
+        dataset = TrainEpisodeDataset(self.bench.train_source, self.by_class, cfg.data.shots, cfg.train.seed,
+                                      cfg.train.steps * cfg.train.batch_size, transform)
         # a private generator: the loader must not draw from the global RNG (that would shift dropout)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.workers,
                             generator=torch.Generator(), persistent_workers=False)

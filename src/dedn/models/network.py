@@ -27,6 +27,10 @@ _FIXED_LOGIT = 20.0
 def build_backbone(cfg: ModelConfig):
     from dedn.models.backbones import create_backbone
 
+    if cfg.backbone == "toy":
+        from dedn.models.toy import build_toy
+
+        return build_toy(cfg.weights, cfg.dilate)
     return create_backbone(cfg.backbone, weights=cfg.weights, dilate=cfg.dilate)
 
 

@@ -1,0 +1,196 @@
+"""The few-shot protocol as data: eligible (image, class) pairs and train/validation/test splits.
+
+Everything here works on class pixel counts (:func:`dedn.data.index.class_pixel_counts`), never on the
+images, so a split of PASCAL or COCO is built in milliseconds once the index exists.
+
+Rules (see shared/PROTOCOL.md):
+
+- an (image, class) pair is *eligible* when the class covers at least ``MIN_PIXELS = 2 * 32 * 32`` label
+  pixels (PFENet's rule, used by BAM, HSNet, HDMNet), for training and test lists alike;
+- training pairs use base classes only. Images that also show a novel class are either kept, the novel
+  pixels becoming background in the binary episode mask (``novel_in_train="keep"``, PFENet/HSNet), or
+  dropped whenever any novel pixel is present (``"drop"``, BAM/HDMNet);
+- the *offline PASCAL protocol* (:func:`disjoint_split`) uses one image set for everything: training images
+  contain no pixel of any novel class, a fixed hold-out of them gives validation episodes on base classes,
+  and the test pairs are the eligible novel pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dedn.errors import DataError
+
+#: minimum number of label pixels of a class for an (image, class) pair to count (2 * 32 * 32)
+MIN_PIXELS = 2048
+
+NOVEL_IN_TRAIN = ("keep", "drop")
+
+Counts = Mapping[str, Mapping[int, int]]
+
+
+@dataclass(frozen=True, order=True)
+class Pair:
+    """One (image, class) pair: the image shows at least ``min_pixels`` pixels of the class."""
+
+    image_id: str
+    class_id: int
+
+
+@dataclass
+class FewShotSplit:
+    """Classes and pairs of one fold.
+
+    ``train_pairs`` and ``val_pairs`` are base-class pairs (validation episodes come from ``val_pairs``, so
+    checkpoints are never selected on test episodes); ``test_pairs`` are novel-class pairs. ``protocol``
+    says how it was built ("standard-keep", "standard-drop" or "disjoint").
+    """
+
+    novel: list[int]
+    base: list[int]
+    train_pairs: list[Pair]
+    val_pairs: list[Pair]
+    test_pairs: list[Pair]
+    protocol: str = "standard-keep"
+    train_images: list[str] = field(default_factory=list)
+    val_images: list[str] = field(default_factory=list)
+
+    @property
+    def test_images(self) -> list[str]:
+        """Images with at least one eligible novel pair (in pair order)."""
+        return list(dict.fromkeys(p.image_id for p in self.test_pairs))
+
+    def summary(self) -> dict[str, int]:
+        """Counts of images and pairs per part (for logs and result files)."""
+        return {
+            "train_images": len(self.train_images),
+            "train_pairs": len(self.train_pairs),
+            "val_images": len(self.val_images),
+            "val_pairs": len(self.val_pairs),
+            "test_images": len(self.test_images),
+            "test_pairs": len(self.test_pairs),
+        }
+
+
+def eligible_pairs(counts: Counts, classes: Iterable[int], min_pixels: int = MIN_PIXELS) -> list[Pair]:
+    """Pairs (image, class) with ``class in classes`` covering at least ``min_pixels`` pixels.
+
+    Ordered by image (counts order), then class id.
+    """
+    wanted = set(classes)
+    return [
+        Pair(image_id, c)
+        for image_id, cc in counts.items()
+        for c in sorted(cc)
+        if c in wanted and cc[c] >= min_pixels
+    ]
+
+
+def pairs_by_class(pairs: Iterable[Pair]) -> dict[int, list[str]]:
+    """Class id -> image ids of its pairs (pair order kept), classes sorted."""
+    out: dict[int, list[str]] = {}
+    for p in pairs:
+        out.setdefault(p.class_id, []).append(p.image_id)
+    return dict(sorted(out.items()))
+
+
+def holdout_fraction_of(image_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, image id) alone.
+
+    An image is held out for validation when this is below the fraction, so its membership never depends
+    on the fold, the other images or their order.
+    """
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _check_classes(novel: Sequence[int], base: Sequence[int]) -> None:
+    if not novel:
+        raise DataError("no novel classes given; expected the fold's test classes")
+    overlap = sorted(set(novel) & set(base))
+    if overlap:
+        raise DataError(f"classes {overlap} are both novel and base; a fold's classes must be disjoint")
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction {val_fraction} is out of range; expected 0 <= fraction < 1")
+
+
+def _split_holdout(images: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for i in images:
+        (val if holdout_fraction_of(i, seed) < val_fraction else train).append(i)
+    return train, val
+
+
+def standard_split(
+    train_counts: Counts,
+    test_counts: Counts,
+    novel: Sequence[int],
+    base: Sequence[int],
+    novel_in_train: str = "keep",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    min_pixels: int = MIN_PIXELS,
+) -> FewShotSplit:
+    """The standard protocol: training pairs from a training set, test pairs from a separate test set.
+
+    Training uses base-class pairs of ``train_counts``; images showing a novel class are kept
+    (``novel_in_train="keep"``) or dropped if any novel pixel is present (``"drop"``). With ``val_fraction``
+    > 0 a fixed, seeded hold-out of the training images gives validation pairs. Test pairs are the
+    eligible novel pairs of ``test_counts``.
+    """
+    _check_classes(novel, base)
+    _check_fraction(val_fraction)
+    if novel_in_train not in NOVEL_IN_TRAIN:
+        raise DataError(f"novel_in_train={novel_in_train!r}; expected one of {list(NOVEL_IN_TRAIN)}")
+    novel_set = set(novel)
+    images = [i for i, cc in train_counts.items() if novel_in_train == "keep" or not (novel_set & set(cc))]
+    train_images, val_images = _split_holdout(images, val_fraction, seed)
+    train_sub = {i: train_counts[i] for i in train_images}
+    val_sub = {i: train_counts[i] for i in val_images}
+    return FewShotSplit(
+        novel=sorted(novel),
+        base=sorted(base),
+        train_pairs=eligible_pairs(train_sub, base, min_pixels),
+        val_pairs=eligible_pairs(val_sub, base, min_pixels),
+        test_pairs=eligible_pairs(test_counts, novel, min_pixels),
+        protocol=f"standard-{novel_in_train}",
+        train_images=train_images,
+        val_images=val_images,
+    )
+
+
+def disjoint_split(
+    counts: Counts,
+    novel: Sequence[int],
+    base: Sequence[int],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    min_pixels: int = MIN_PIXELS,
+) -> FewShotSplit:
+    """The offline protocol on one image set (e.g. PASCAL VOC 2012 val alone).
+
+    Training images: those with no pixel of any novel class (so novel classes are never seen, and no
+    training image is a test image); a fixed hold-out of them (``val_fraction``, chosen per image by a
+    hash of (seed, id)) gives validation pairs on base classes. Test pairs: the eligible novel pairs.
+    ``train_images`` and ``val_images`` include images without any eligible base pair.
+    """
+    _check_classes(novel, base)
+    _check_fraction(val_fraction)
+    novel_set = set(novel)
+    clean = [i for i, cc in counts.items() if not (novel_set & set(cc))]
+    train_images, val_images = _split_holdout(clean, val_fraction, seed)
+    return FewShotSplit(
+        novel=sorted(novel),
+        base=sorted(base),
+        train_pairs=eligible_pairs({i: counts[i] for i in train_images}, base, min_pixels),
+        val_pairs=eligible_pairs({i: counts[i] for i in val_images}, base, min_pixels),
+        test_pairs=eligible_pairs(counts, novel, min_pixels),
+        protocol="disjoint",
+        train_images=train_images,
+        val_images=val_images,
+    )
