@@ -89,11 +89,78 @@ def cmd_eval(args) -> int:
     device, info = _setup(cfg)
     model, digest = load_trained_model(cfg, args.checkpoint, device)
     output = Path(cfg.output_dir)
+    bench, recorder = None, None
+    if args.save_vis:
+        # the pictures need the images again: build the benchmark here and hand it to the evaluation
+        from dedn.engine.benchmark import build_benchmark
+        from dedn.vis import EpisodeRecorder
+
+        bench = build_benchmark(cfg.data, progress=not args.quiet and info.is_main)
+        if info.is_main:
+            recorder = EpisodeRecorder(bench.test_source, cfg.data.image_size, args.save_vis,
+                                       cfg.eval.seeds[0])
     results = run_evaluation(cfg, model, device, output, Path(args.checkpoint) if args.checkpoint else None,
-                             digest, info, progress=not args.quiet)
+                             digest, info, progress=not args.quiet, bench=bench, on_episode=recorder)
     if info.is_main:
         print(format_summary(results))
         print(f"results: {output / 'results.json'} and {output / 'results.md'}")
+        if recorder is not None:
+            picture = recorder.write(output / "episodes.png")
+            if picture is not None:
+                print(f"episodes: {picture} ({len(recorder.rows)} of seed {recorder.seed})")
+    return 0
+
+
+_PREDICT_OUTPUTS = ("_mask.png", "_overlay.jpg")
+
+
+def cmd_predict(args) -> int:
+    from dedn.errors import DataError
+    from dedn.predict import Predictor, find_images, predict_files
+
+    queries, ignored = find_images(args.query)
+    out = Path(args.out).resolve()
+    # with --out inside a query folder, a second run must not segment the first run's outputs
+    queries = [q for q in queries if not (q.resolve().parent == out and q.name.endswith(_PREDICT_OUTPUTS))]
+    if not queries:
+        raise DataError(f"no image files found in {', '.join(args.query)}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.size)
+    support_set = predictor.encode_supports([s[0] for s in args.support], [s[1] for s in args.support],
+                                            mask_value=args.mask_value)
+    if support_set.empty:
+        raise DataError("the support masks mark no object pixel (check --mask-value, or the masks)")
+    for name, count in zip(support_set.names, support_set.foreground_pixels, strict=True):
+        if count == 0:
+            print(f"dedn: warning: the mask of support {name} marks no object pixel", file=sys.stderr)
+    summary = predict_files(predictor, support_set, queries, Path(args.out), progress=not args.quiet,
+                            ignored=ignored)
+    print(summary.format())
+    print(f"masks and overlays in {args.out}")
+    return 1 if summary.skipped else 0
+
+
+def cmd_export(args) -> int:
+    from dedn.export import export_onnx
+    from dedn.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", image_size=args.size)
+    cfg = predictor.config
+    report = export_onnx(predictor.model, args.out, args.shots, predictor.image_size, opset=args.opset,
+                         verify=not args.no_verify,
+                         metadata={"method": cfg.model.method, "backbone": cfg.model.backbone,
+                                   "checkpoint": Path(args.checkpoint).name})
+    print(f"wrote {report.path} ({report.shots}-shot, input {report.image_size} px) "
+          f"in {report.seconds:.1f} s")
+    if report.max_abs_diff is not None:
+        print(f"checked with onnxruntime: max |probability difference| to PyTorch = "
+              f"{report.max_abs_diff:.2e}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    from dedn.app import launch_app
+
+    launch_app(args.checkpoint, host=args.host, port=args.port, device=args.device, image_size=args.size)
     return 0
 
 
@@ -139,7 +206,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate on test episodes (mean +- std over seeds)")
     _config_args(p)
     p.add_argument("--checkpoint", help="trained weights (not needed for proto / prior)")
+    p.add_argument("--save-vis", type=int, default=0, metavar="N",
+                   help="draw the first N episodes of the first seed to <output>/episodes.png")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "predict", help="segment your own images with a trained model",
+        description="Segment, in each query image, the object marked on the support image(s). Exit status: "
+                    "0 all queries done, 1 some query files could not be read (named on stderr and in the "
+                    "summary; the others are done), 2 bad input (checkpoint, supports, options).")
+    p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
+    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                   help="a support image and its mask (repeat for K shots)")
+    p.add_argument("--query", nargs="+", required=True, metavar="PATH",
+                   help="query image(s) or folder(s) of images")
+    p.add_argument("--out", required=True, help="output folder for <name>_mask.png and <name>_overlay.jpg")
+    p.add_argument("--mask-value", type=int, help="the object's value in the support masks (label maps)")
+    p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX")
+    p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--shots", type=int, default=1, help="K, fixed in the exported graph (default: 1)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, help="input size S, fixed in the graph (default: the checkpoint's)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("app", help="a local web page to try a trained model (needs dedn[app])")
+    p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
+    p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("episodes", help="write a test episode file from a seed")
     _config_args(p)

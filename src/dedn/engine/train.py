@@ -137,8 +137,12 @@ class Trainer:
         self.by_class = pairs_by_class(self.bench.split.train_pairs)
         self.val_episodes = []
         if self.bench.split.val_pairs and t.val_episodes > 0:
+            # queries from the held-out images; supports may also come from training images, so that a
+            # base class with a single held-out image still forms episodes
+            split = self.bench.split
             self.val_episodes = sample_test_episodes(
-                self.bench.split.val_pairs, t.val_episodes, cfg.data.shots, seed=10_000 + t.seed
+                split.val_pairs, t.val_episodes, cfg.data.shots, seed=10_000 + t.seed,
+                support_pairs=split.val_pairs + split.train_pairs,
             )
         self.val_cache = FeatureCache()
         self.ddp = None
@@ -178,6 +182,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _batches(self):
         cfg = self.cfg
+        # the episodes of steps already done are skipped, not replayed: batch t is a function of t alone
         sampler = StepSampler(self.step, cfg.train.steps, cfg.train.batch_size, self.info)
         if cfg.train.feature_cache:
             episodes = FeatureEpisodes(
@@ -230,7 +235,9 @@ class Trainer:
                 if isinstance(value, int | float) and key != "step":
                     self.writer.add_scalar(key, value, record["step"])
 
-    def fit(self) -> dict:
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to ``train.steps`` (or stop early after ``stop_after`` steps, as an interruption would:
+        the schedule stays the one for ``train.steps``)."""
         cfg = self.cfg
         t = cfg.train
         if self.info.is_main:
@@ -273,7 +280,7 @@ class Trainer:
                 running = {}
             if self.step % t.val_every == 0 or self.step == t.steps:
                 val = self.validate()
-                if val is not None:
+                if val is not None and val["miou"] is not None:
                     self.log({"step": self.step, "val/miou": val["miou"], "val/fbiou": val["fbiou"]})
                     if val["miou"] > self.best["miou"]:
                         self.best = {"miou": val["miou"], "step": self.step}
@@ -281,6 +288,8 @@ class Trainer:
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save("last.pt")
             barrier(self.info)
+            if stop_after is not None and self.step >= stop_after:
+                break
         bar.close()
         if self.writer is not None:
             self.writer.close()

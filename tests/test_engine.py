@@ -1,0 +1,188 @@
+"""Training and evaluation engine: resume, cache equivalence, multi-process, CLI, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dedn.cli import load_trained_model, main
+from dedn.config import load_config
+from dedn.engine.benchmark import build_benchmark
+from dedn.engine.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from dedn.engine.evaluate import evaluate_episodes
+from dedn.engine.features import FeatureCache
+from dedn.engine.train import Trainer
+from dedn.data.episodes import sample_test_episodes
+from dedn.errors import CheckpointError, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.backbone=toy",
+    "model.weights=null",
+    "model.channels=16",
+    "data.image_size=64",
+    "data.synthetic.image_size=96",
+    "data.synthetic.images_per_class=6",
+    "train.batch_size=2",
+    "train.steps=6",
+    "train.log_every=2",
+    "train.val_every=3",
+    "train.val_episodes=4",
+    "train.checkpoint_every=3",
+    "eval.episodes=12",
+    "eval.seeds=[0, 1]",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_resume_matches_an_uninterrupted_run(tmp_path, feature_cache):
+    cache = f"train.feature_cache={str(feature_cache).lower()}"
+    full = Trainer(tiny_config(tmp_path / "full", cache), tmp_path / "full", torch.device("cpu"), progress=False)
+    full.fit()
+    interrupted = Trainer(tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False)
+    interrupted.fit(stop_after=3)
+    assert interrupted.step == 3
+    resumed = Trainer(tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False)
+    resumed.resume(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = trainable_state(full.model), trainable_state(resumed.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the run left its logs, config and checkpoints
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert any("val/miou" in line for line in lines)
+    assert (tmp_path / "full" / "config.yaml").is_file()
+    state = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert set(state) >= {"model", "optimizer", "scheduler", "step", "config"}
+    assert state["step"] == 6
+
+
+def _trained_model(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.feature_cache=true")
+    Trainer(cfg, tmp_path, torch.device("cpu"), progress=False).fit()
+    model, _ = load_trained_model(cfg, str(tmp_path / "checkpoints" / "last.pt"), torch.device("cpu"))
+    return cfg, model
+
+
+def test_cached_and_uncached_evaluation_agree_exactly(tmp_path):
+    cfg, model = _trained_model(tmp_path)
+    bench = build_benchmark(cfg.data)
+    episodes = sample_test_episodes(bench.split.test_pairs, 16, 2, seed=3)
+    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, torch.device("cpu"))
+    cache = FeatureCache()
+    cached = evaluate_episodes(*args, cache=cache, progress=False)
+    uncached = evaluate_episodes(*args, cache=None, progress=False)
+    assert cache.hits > 0  # images recur across episodes
+    for key in ("class_intersection", "class_union", "totals"):
+        assert torch.equal(cached.state_dict()[key], uncached.state_dict()[key])
+    assert cached.compute() == uncached.compute()
+
+
+def test_feature_cache_evicts_by_bytes():
+    cache = FeatureCache(max_bytes=3 * 4 * 10)
+    for i in range(5):
+        cache.get(str(i), lambda: {"x": torch.zeros(10)})
+    assert len(cache) == 3 and cache.bytes == 120
+    cache.get("4", lambda: pytest.fail("should be cached"))
+
+
+def test_train_then_eval_from_the_command_line(tmp_path, capsys):
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert main(["train", "--quiet", "--output", str(tmp_path), *sets]) == 0
+    ckpt = tmp_path / "checkpoints" / "best.pt"
+    assert ckpt.is_file()
+    out = tmp_path / "eval"
+    assert main(["eval", "--quiet", "--output", str(out), "--checkpoint", str(ckpt), *sets]) == 0
+    results = json.loads((out / "results.json").read_text())
+    s = results["settings"]
+    assert s["shots"] == 1 and s["episodes"] == 12 and s["seeds"] == [0, 1] and s["image_size"] == 64
+    assert s["backbone"] == "toy" and len(s["checkpoint_sha256"]) == 64
+    assert len(results["per_seed"]) == 2
+    assert 0.0 <= results["summary"]["miou"]["mean"] <= 1.0
+    assert (out / "results.md").read_text().startswith("# dedn")
+    # the episode files are reused by a second evaluation (training-free baseline, no checkpoint)
+    out2 = tmp_path / "eval-proto"
+    episode_dir = out / "episodes"
+    assert main(["eval", "--quiet", "--output", str(out2), *sets, "--set", "model.method=proto",
+                 "--set", f"eval.episode_dir={episode_dir}"]) == 0
+    proto = json.loads((out2 / "results.json").read_text())
+    assert [r["episode_file"] for r in proto["per_seed"]] == [r["episode_file"] for r in results["per_seed"]]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path, capsys):
+    cfg, _ = _trained_model(tmp_path)
+    other = tiny_config(tmp_path, "model.channels=32")
+    with pytest.raises(CheckpointError, match="model.channels"):
+        load_trained_model(other, str(tmp_path / "checkpoints" / "last.pt"), torch.device("cpu"))
+    sets = [a for s in TINY for a in ("--set", s)]
+    code = main(["eval", "--quiet", "--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), *sets,
+                 "--set", "model.scenario.normalization=none"])
+    assert code == 2
+    assert "model.scenario.normalization" in capsys.readouterr().err
+
+
+def test_not_a_checkpoint_and_missing_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_trained_model(cfg, str(bad), torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="must be trained"):
+        load_trained_model(cfg, None, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_trained_model(cfg, str(tmp_path / "nope.pt"), torch.device("cpu"))
+
+
+def test_checkpoint_with_wrong_tensors_is_refused(tmp_path):
+    cfg, model = _trained_model(tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    state["model"].pop(next(iter(state["model"])))
+    save_checkpoint(tmp_path / "broken.pt", state)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_trained_model(cfg, str(tmp_path / "broken.pt"), torch.device("cpu"))
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  chanels: 8\n")
+    assert main(["eval", str(config), "--set", "model.method=proto"]) == 2
+    err = capsys.readouterr().err
+    assert "model.chanels" in err and "c.yaml" in err
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(None, ["train.stepz=3"])
+
+
+def _torchrun(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dedn.cli", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_process_training_and_sharded_evaluation(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    _torchrun(["train", "--quiet", "--output", str(tmp_path / "ddp"), *sets, "--set", "train.steps=3"], tmp_path)
+    ckpt = tmp_path / "ddp" / "checkpoints" / "last.pt"
+    assert load_checkpoint(ckpt)["step"] == 3
+    _torchrun(["eval", "--quiet", "--output", str(tmp_path / "eval2"), "--checkpoint", str(ckpt), *sets], tmp_path)
+    assert main(["eval", "--quiet", "--output", str(tmp_path / "eval1"), "--checkpoint", str(ckpt), *sets,
+                 "--set", f"eval.episode_dir={tmp_path / 'eval2' / 'episodes'}"]) == 0
+    two = json.loads((tmp_path / "eval2" / "results.json").read_text())
+    one = json.loads((tmp_path / "eval1" / "results.json").read_text())
+    assert two["settings"]["world_size"] == 2 and one["settings"]["world_size"] == 1
+    for a, b in zip(two["per_seed"], one["per_seed"], strict=True):
+        assert a["class_iou"] == b["class_iou"] and a["fbiou"] == b["fbiou"] and a["episodes"] == b["episodes"]
