@@ -295,4 +295,8 @@ class Trainer:
             self.writer.close()
         if not self.val_episodes and self.info.is_main:
             self.save("best.pt")  # nothing to select on: the final model
+        if self.info.is_main and (self.output_dir / "metrics.jsonl").is_file():
+            from dedn.vis import plot_training_curves
+
+            plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
         return {"steps": self.step, "best": self.best, "seconds": time.perf_counter() - start}
