@@ -42,6 +42,7 @@ def main(args) -> int:
     from dedn.engine.benchmark import build_benchmark
     from dedn.engine.evaluate import run_evaluation
     from dedn.engine.train import Trainer
+    from dedn.vis import EpisodeRecorder
 
     output = Path(args.output)
     overrides = list(DEMO_OVERRIDES) + [f"output_dir={output}"]
@@ -71,9 +72,14 @@ def main(args) -> int:
         run_cfg = load_config(None, overrides + [f"model.method={method}", f"eval.episode_dir={episode_dir}"])
         checkpoint = output / "dedn" / "checkpoints" / "best.pt" if method == "dedn" else None
         model, digest = load_trained_model(run_cfg, str(checkpoint) if checkpoint else None, device)
+        recorder = None
+        if method == "dedn":
+            recorder = EpisodeRecorder(bench.test_source, cfg.data.image_size, 8, cfg.eval.seeds[0])
         results = run_evaluation(run_cfg, model, device, output / f"eval-{method}", checkpoint, digest,
-                                 progress=progress, bench=bench)
+                                 progress=progress, bench=bench, on_episode=recorder)
         rows.append((method, results))
+        if recorder is not None:
+            picture = recorder.write(output / "episodes.png")
     print()
     print(f"| method | mIoU (novel, 1-shot) | FB-IoU | ({cfg.eval.episodes} episodes x {len(cfg.eval.seeds)} seeds)")
     print("|---|---|---|")
@@ -81,5 +87,7 @@ def main(args) -> int:
         s = results["summary"]
         print(f"| {method} | {100 * s['miou']['mean']:.1f} +- {100 * s['miou']['std']:.1f} | "
               f"{100 * s['fbiou']['mean']:.1f} +- {100 * s['fbiou']['std']:.1f} |")
-    print(f"\ndone in {time.perf_counter() - start:.0f} s; results under {output}")
+    print(f"\npictures: {picture} (support | query + truth | each expert | fused, with the fusion weights)")
+    print(f"training curves: {output / 'dedn' / 'curves.png'}")
+    print(f"done in {time.perf_counter() - start:.0f} s; results under {output}")
     return 0
