@@ -34,9 +34,19 @@ ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pascal-
 
 COMBOS = {
     "efficientnet": [
-        ["stage3"], ["stage4"], ["stage5"], ["stage6"], ["stage7"], ["head"],
-        ["stage4", "stage5"], ["stage5", "stage6"], ["stage5", "stage7"], ["stage6", "stage7"],
-        ["stage4", "stage5", "stage7"], ["stage5", "stage6", "stage7"], ["stage5", "stage7", "head"],
+        ["stage3"],
+        ["stage4"],
+        ["stage5"],
+        ["stage6"],
+        ["stage7"],
+        ["head"],
+        ["stage4", "stage5"],
+        ["stage5", "stage6"],
+        ["stage5", "stage7"],
+        ["stage6", "stage7"],
+        ["stage4", "stage5", "stage7"],
+        ["stage5", "stage6", "stage7"],
+        ["stage5", "stage7", "head"],
     ],
     "resnet": [["layer2"], ["layer3"], ["layer4"], ["layer2", "layer3"], ["layer3", "layer4"]],
 }
@@ -75,8 +85,10 @@ def load(root: Path, image_id: str, cls: int, size: int) -> tuple[torch.Tensor, 
 
 def embed(feats: dict[str, torch.Tensor], combo: list[str]) -> torch.Tensor:
     size = max((feats[name].shape[-2:] for name in combo), key=lambda s: s[0] * s[1])
-    parts = [F.interpolate(F.normalize(feats[n], dim=1), size=size, mode="bilinear", align_corners=False)
-             for n in combo]
+    parts = [
+        F.interpolate(F.normalize(feats[n], dim=1), size=size, mode="bilinear", align_corners=False)
+        for n in combo
+    ]
     return F.normalize(torch.cat(parts, 1), dim=1)  # (1, C, h, w)
 
 
@@ -90,16 +102,21 @@ def predict(query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tens
     s = support[0].flatten(1)  # (C, h*w)
     q = query[0].flatten(1)
     if method == "proto":
-        protos = torch.stack([(s * bg.flatten()).sum(1) / bg.sum().clamp(min=1e-6),
-                              (s * fg.flatten()).sum(1) / fg.sum().clamp(min=1e-6)])
+        protos = torch.stack(
+            [
+                (s * bg.flatten()).sum(1) / bg.sum().clamp(min=1e-6),
+                (s * fg.flatten()).sum(1) / fg.sum().clamp(min=1e-6),
+            ]
+        )
         score = F.normalize(protos, dim=1) @ q  # (2, hw)
     else:
         sim = s.T @ q  # (hw_s, hw_q)
         fg_sel, bg_sel = fg.flatten() > 0.5, bg.flatten() > 0.5
         if not fg_sel.any():
             fg_sel = fg.flatten() >= fg.max()
-        score = torch.stack([sim[bg_sel].amax(0) if bg_sel.any() else torch.full_like(sim[0], -1),
-                             sim[fg_sel].amax(0)])
+        score = torch.stack(
+            [sim[bg_sel].amax(0) if bg_sel.any() else torch.full_like(sim[0], -1), sim[fg_sel].amax(0)]
+        )
     score = score.view(1, 2, *query.shape[-2:])
     score = F.interpolate(score, size=out_hw, mode="bilinear", align_corners=False)
     return score.argmax(1)[0]
@@ -170,8 +187,10 @@ def main() -> None:
         for combo in combos:
             p = metrics[("proto", tuple(combo))].compute()
             n = metrics[("nn", tuple(combo))].compute()
-            print(f"{'+'.join(combo):<28} {100 * p['miou']:>10.1f} {100 * p['fbiou']:>7.1f} "
-                  f"{100 * n['miou']:>8.1f} {100 * n['fbiou']:>7.1f}")
+            print(
+                f"{'+'.join(combo):<28} {100 * p['miou']:>10.1f} {100 * p['fbiou']:>7.1f} "
+                f"{100 * n['miou']:>8.1f} {100 * n['fbiou']:>7.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_PASCAL = Path(os.environ.get("DEDN_SHARED_DATA", REPO.parent / "shared" / "data")) / "pascal-voc2012-val"
+SHARED_PASCAL = (
+    Path(os.environ.get("DEDN_SHARED_DATA", REPO.parent / "shared" / "data")) / "pascal-voc2012-val"
+)
 
 SETTINGS = {
-    "lite0-417": ["model.backbone=efficientnet_lite0", "model.weights=imagenet", "data.image_size=417",
-                  "model.channels=128"],
-    "resnet50-473": ["model.backbone=resnet50", "model.weights=null", "data.image_size=473",
-                     "model.channels=256"],
+    "lite0-417": [
+        "model.backbone=efficientnet_lite0",
+        "model.weights=imagenet",
+        "data.image_size=417",
+        "model.channels=128",
+    ],
+    "resnet50-473": [
+        "model.backbone=resnet50",
+        "model.weights=null",
+        "data.image_size=473",
+        "model.channels=256",
+    ],
 }
 
 
@@ -61,8 +71,15 @@ def run_one(setting: str, shots: int, episodes: int, batch: int) -> dict:
     model = FewShotSegmenter(cfg.model).to(device).eval()
     eps = sample_test_episodes(bench.split.test_pairs, episodes, shots, seed=0)
     unique = len({i for e in eps for i in (e.query, *e.supports)})
-    result = {"setting": setting, "shots": shots, "episodes": episodes, "unique_images": unique,
-              "data": cfg.data.benchmark, "device": str(device), "threads": torch.get_num_threads()}
+    result = {
+        "setting": setting,
+        "shots": shots,
+        "episodes": episodes,
+        "unique_images": unique,
+        "data": cfg.data.benchmark,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     args = (model, bench.test_source, eps, bench.split.novel, cfg.data.image_size, device)
     for name, cache in (("cached", FeatureCache()), ("uncached", None)):
         start = time.perf_counter()
@@ -107,11 +124,15 @@ def run_one(setting: str, shots: int, episodes: int, batch: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--episodes", type=int, default=200, help="evaluation episodes (default 200)")
-    parser.add_argument("--resnet-episodes", type=int, default=30, help="episodes for ResNet-50 (slow on CPU)")
+    parser.add_argument(
+        "--resnet-episodes", type=int, default=30, help="episodes for ResNet-50 (slow on CPU)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="training batch size (default 8)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,26 +145,38 @@ def main() -> None:
         for shots in args.shots:
             n = args.resnet_episodes if setting.startswith("resnet") else args.episodes
             env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-            proc = subprocess.run([sys.executable, __file__, "--one", f"{setting},{shots},{n}",
-                                   "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", f"{setting},{shots},{n}", "--batch", str(args.batch)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{setting} {shots}-shot failed")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{setting} {shots}-shot done: {r['eval_cached_eps']:.2f} / {r['eval_uncached_eps']:.2f} ep/s",
-                  file=sys.stderr)
-    print(f"\ndata: {rows[0]['data']}, device: {rows[0]['device']}, torch threads: {rows[0]['threads']}, "
-          f"training batch {args.batch}\n")
-    print("| setting | shots | episodes (unique images) | eval ep/s cached | eval ep/s uncached | speed-up | "
-          "train step on images (s) | peak RSS (MiB) | train step on cached features (s) |")
+            print(
+                f"{setting} {shots}-shot: {r['eval_cached_eps']:.2f} / {r['eval_uncached_eps']:.2f} ep/s",
+                file=sys.stderr,
+            )
+    print(
+        f"\ndata: {rows[0]['data']}, device: {rows[0]['device']}, torch threads: {rows[0]['threads']}, "
+        f"training batch {args.batch}\n"
+    )
+    print(
+        "| setting | shots | episodes (unique images) | eval ep/s cached | eval ep/s uncached | speed-up | "
+        "train step on images (s) | peak RSS (MiB) | train step on cached features (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         assert r["miou_cached"] == r["miou_uncached"], "cached and uncached evaluation disagree"
-        print(f"| {r['setting']} | {r['shots']} | {r['episodes']} ({r['unique_images']}) | "
-              f"{r['eval_cached_eps']:.2f} | {r['eval_uncached_eps']:.2f} | "
-              f"{r['eval_cached_eps'] / r['eval_uncached_eps']:.1f}x | {r['train_images_s']:.2f} | "
-              f"{r['train_images_peak_mib']:.0f} | {r['train_features_s']:.2f} |")
+        print(
+            f"| {r['setting']} | {r['shots']} | {r['episodes']} ({r['unique_images']}) | "
+            f"{r['eval_cached_eps']:.2f} | {r['eval_uncached_eps']:.2f} | "
+            f"{r['eval_cached_eps'] / r['eval_uncached_eps']:.1f}x | {r['train_images_s']:.2f} | "
+            f"{r['train_images_peak_mib']:.0f} | {r['train_features_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,11 @@ def test_segment_with_a_painted_mask_equals_the_api(predictor, pictures, tmp_pat
     mask = np.asarray(Image.open(pictures["mask"])) > 0
     layer = np.zeros(support.shape[:2] + (4,), np.uint8)
     layer[mask] = (255, 0, 0, 255)
-    editor = {"background": np.dstack([support, np.full(support.shape[:2], 255, np.uint8)]),
-              "layers": [layer], "composite": support}
+    editor = {
+        "background": np.dstack([support, np.full(support.shape[:2], 255, np.uint8)]),
+        "layers": [layer],
+        "composite": support,
+    }
     queries = [str(pictures["query1"]), str(pictures["broken"]), str(pictures["query2"])]
     result = segment(predictor, editor, None, queries, tmp_path / "out")
     assert [p.name for p in result.mask_files] == ["query1_mask.png", "query2_mask.png"]
@@ -114,11 +117,21 @@ def _chrome(profile: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1500",
-                 # the page must work offline: any name other than the local server fails to resolve
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]:
+    for flag in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1500",
+        # the page must work offline: any name other than the local server fails to resolve
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    ]:
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
@@ -161,8 +174,10 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
 
         def two_new_links(previous: dict | None = None) -> dict[str, str] | None:
             """The two mask download links, once both are new (else None: keep waiting)."""
-            links = {a.get_attribute("download"): a.get_attribute("href")
-                     for a in driver.find_elements(By.CSS_SELECTOR, "#masks a[download]")}
+            links = {
+                a.get_attribute("download"): a.get_attribute("href")
+                for a in driver.find_elements(By.CSS_SELECTOR, "#masks a[download]")
+            }
             old = set((previous or {}).values())
             return links if len(links) == 2 and not old & set(links.values()) else None
 

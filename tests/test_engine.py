@@ -12,12 +12,12 @@ import torch
 
 from dedn.cli import load_trained_model, main
 from dedn.config import load_config
+from dedn.data.episodes import sample_test_episodes
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.checkpoint import load_checkpoint, save_checkpoint, trainable_state
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache
 from dedn.engine.train import Trainer
-from dedn.data.episodes import sample_test_episodes
 from dedn.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +47,18 @@ def tiny_config(tmp_path, *extra):
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_resume_matches_an_uninterrupted_run(tmp_path, feature_cache):
     cache = f"train.feature_cache={str(feature_cache).lower()}"
-    full = Trainer(tiny_config(tmp_path / "full", cache), tmp_path / "full", torch.device("cpu"), progress=False)
+    full = Trainer(
+        tiny_config(tmp_path / "full", cache), tmp_path / "full", torch.device("cpu"), progress=False
+    )
     full.fit()
-    interrupted = Trainer(tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False)
+    interrupted = Trainer(
+        tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False
+    )
     interrupted.fit(stop_after=3)
     assert interrupted.step == 3
-    resumed = Trainer(tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False)
+    resumed = Trainer(
+        tiny_config(tmp_path / "cut", cache), tmp_path / "cut", torch.device("cpu"), progress=False
+    )
     resumed.resume(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert resumed.step == 3
     resumed.fit()
@@ -115,8 +121,22 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
     # the episode files are reused by a second evaluation (training-free baseline, no checkpoint)
     out2 = tmp_path / "eval-proto"
     episode_dir = out / "episodes"
-    assert main(["eval", "--quiet", "--output", str(out2), *sets, "--set", "model.method=proto",
-                 "--set", f"eval.episode_dir={episode_dir}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--quiet",
+                "--output",
+                str(out2),
+                *sets,
+                "--set",
+                "model.method=proto",
+                "--set",
+                f"eval.episode_dir={episode_dir}",
+            ]
+        )
+        == 0
+    )
     proto = json.loads((out2 / "results.json").read_text())
     assert [r["episode_file"] for r in proto["per_seed"]] == [r["episode_file"] for r in results["per_seed"]]
 
@@ -127,8 +147,17 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="model.channels"):
         load_trained_model(other, str(tmp_path / "checkpoints" / "last.pt"), torch.device("cpu"))
     sets = [a for s in TINY for a in ("--set", s)]
-    code = main(["eval", "--quiet", "--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), *sets,
-                 "--set", "model.scenario.normalization=none"])
+    code = main(
+        [
+            "eval",
+            "--quiet",
+            "--checkpoint",
+            str(tmp_path / "checkpoints" / "last.pt"),
+            *sets,
+            "--set",
+            "model.scenario.normalization=none",
+        ]
+    )
     assert code == 2
     assert "model.scenario.normalization" in capsys.readouterr().err
 
@@ -166,11 +195,27 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
 
 def _torchrun(args, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dedn.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dedn.cli",
+        *args,
+    ]
     # a new session, so that a hung run can be killed with all its workers
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -183,14 +228,34 @@ def _torchrun(args, tmp_path):
 @pytest.mark.slow
 def test_two_process_training_and_sharded_evaluation(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
-    _torchrun(["train", "--quiet", "--output", str(tmp_path / "ddp"), *sets, "--set", "train.steps=3"], tmp_path)
+    _torchrun(
+        ["train", "--quiet", "--output", str(tmp_path / "ddp"), *sets, "--set", "train.steps=3"], tmp_path
+    )
     ckpt = tmp_path / "ddp" / "checkpoints" / "last.pt"
     assert load_checkpoint(ckpt)["step"] == 3
-    _torchrun(["eval", "--quiet", "--output", str(tmp_path / "eval2"), "--checkpoint", str(ckpt), *sets], tmp_path)
-    assert main(["eval", "--quiet", "--output", str(tmp_path / "eval1"), "--checkpoint", str(ckpt), *sets,
-                 "--set", f"eval.episode_dir={tmp_path / 'eval2' / 'episodes'}"]) == 0
+    _torchrun(
+        ["eval", "--quiet", "--output", str(tmp_path / "eval2"), "--checkpoint", str(ckpt), *sets], tmp_path
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--quiet",
+                "--output",
+                str(tmp_path / "eval1"),
+                "--checkpoint",
+                str(ckpt),
+                *sets,
+                "--set",
+                f"eval.episode_dir={tmp_path / 'eval2' / 'episodes'}",
+            ]
+        )
+        == 0
+    )
     two = json.loads((tmp_path / "eval2" / "results.json").read_text())
     one = json.loads((tmp_path / "eval1" / "results.json").read_text())
     assert two["settings"]["world_size"] == 2 and one["settings"]["world_size"] == 1
     for a, b in zip(two["per_seed"], one["per_seed"], strict=True):
-        assert a["class_iou"] == b["class_iou"] and a["fbiou"] == b["fbiou"] and a["episodes"] == b["episodes"]
+        assert (
+            a["class_iou"] == b["class_iou"] and a["fbiou"] == b["fbiou"] and a["episodes"] == b["episodes"]
+        )

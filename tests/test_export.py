@@ -94,8 +94,24 @@ def test_export_leaves_the_model_unchanged(tmp_path):
 def test_cli_export(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "toy.pt")
     out = tmp_path / "exported" / "model.onnx"
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--shots", "2", "--out", str(out),
-                 "--size", "64"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--format",
+                "onnx",
+                "--shots",
+                "2",
+                "--out",
+                str(out),
+                "--size",
+                "64",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "2-shot" in text and "checked with onnxruntime" in text
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}

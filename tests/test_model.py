@@ -248,3 +248,26 @@ def test_contrastive_loss_is_lower_when_fg_pixels_match_the_prototype():
     good = prototype_contrast(aligned, target, proto, support, bg)
     bad = prototype_contrast(swapped, target, proto, support, bg)
     assert good < 0.01 < bad
+
+
+@pytest.mark.parametrize(
+    "backbone, weights",
+    [
+        ("efficientnet_lite0", "imagenet"),
+        ("efficientnet_lite1", "imagenet"),
+        ("efficientnet_lite2", "imagenet"),
+        ("resnet50", None),
+        pytest.param("resnet101", None, marks=pytest.mark.slow),
+    ],
+)
+def test_every_backbone_trains_dedn(backbone, weights):
+    """DEDN on each real backbone (ResNet with random weights: none ship offline), K = 2, tiny input."""
+    cfg = ModelConfig(backbone=backbone, weights=weights, channels=16)
+    model = FewShotSegmenter(cfg)
+    query, supports, masks, target = episode(b=1, k=2, size=65)
+    model.train()
+    out = model(query, supports, masks)
+    assert out["logits"].shape == (1, 2, 65, 65)
+    dedn_loss(out, target, LossConfig(), model.expert_names)["total"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.backbone.parameters())

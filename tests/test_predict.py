@@ -343,16 +343,18 @@ def test_folder_run_skips_a_corrupt_file(predictor, episode, query_folder, tmp_p
     images, others = find_images([query_folder])
     messages: list[str] = []
     out = tmp_path / "out"
-    summary = predict_files(predictor, support_set, images, out, progress=False, ignored=others,
-                            report=messages.append)
+    summary = predict_files(
+        predictor, support_set, images, out, progress=False, ignored=others, report=messages.append
+    )
     assert [p.name for p in summary.done] == ["a.jpg", "a.png", "b.png"]
     assert [p.name for p, _ in summary.skipped] == ["corrupt.jpg"]
     assert len(messages) == 1 and "corrupt.jpg" in messages[0]
     text = summary.format()
     assert "3 image(s) segmented, 1 skipped" in text and "corrupt.jpg" in text and "notes.txt" in text
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{n}_{kind}" for n in ("a_jpg", "a_png", "b")
-                             for kind in ("mask.png", "overlay.jpg"))
+    assert written == sorted(
+        f"{n}_{kind}" for n in ("a_jpg", "a_png", "b") for kind in ("mask.png", "overlay.jpg")
+    )
     mask_b = np.asarray(Image.open(out / "b_mask.png"))
     assert mask_b.shape == (30, 56) and set(np.unique(mask_b)) <= {0, 255}
     assert Image.open(out / "b_overlay.jpg").size == (56, 30)
@@ -363,24 +365,53 @@ def test_cli_predict(toy_ckpt, episode, query_folder, tmp_path, capsys):
     save_rgb(tmp_path / "support.jpg", support, quality=95)
     save_rgb(tmp_path / "support_mask.png", mask * 255)
     out = tmp_path / "out"
-    args = ["predict", "--checkpoint", str(toy_ckpt), "--support", str(tmp_path / "support.jpg"),
-            str(tmp_path / "support_mask.png"), "--query", str(query_folder), "--out", str(out), "--quiet"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(toy_ckpt),
+        "--support",
+        str(tmp_path / "support.jpg"),
+        str(tmp_path / "support_mask.png"),
+        "--query",
+        str(query_folder),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 1  # one file skipped
     captured = capsys.readouterr()
     assert "3 image(s) segmented, 1 skipped" in captured.out and "corrupt.jpg" in captured.out
     assert "corrupt.jpg" in captured.err
     assert (out / "b_mask.png").is_file() and (out / "a_jpg_overlay.jpg").is_file()
     # a single good query: exit 0; two supports (K = 2)
-    args2 = args[:6] + ["--support", str(tmp_path / "support.jpg"), str(tmp_path / "support_mask.png"),
-                        "--query", str(query_folder / "b.png"), "--out", str(tmp_path / "one"), "--quiet"]
+    args2 = args[:6] + [
+        "--support",
+        str(tmp_path / "support.jpg"),
+        str(tmp_path / "support_mask.png"),
+        "--query",
+        str(query_folder / "b.png"),
+        "--out",
+        str(tmp_path / "one"),
+        "--quiet",
+    ]
     assert main(args2) == 0
     assert (tmp_path / "one" / "b_mask.png").is_file()
 
 
 def test_cli_predict_bad_support_is_an_error(toy_ckpt, query_folder, tmp_path, capsys):
-    args = ["predict", "--checkpoint", str(toy_ckpt), "--support", str(query_folder / "corrupt.jpg"),
-            str(query_folder / "a.png"), "--query", str(query_folder), "--out", str(tmp_path / "o"),
-            "--quiet"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(toy_ckpt),
+        "--support",
+        str(query_folder / "corrupt.jpg"),
+        str(query_folder / "a.png"),
+        "--query",
+        str(query_folder),
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    ]
     assert main(args) == 2
     assert "corrupt.jpg" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -397,8 +428,19 @@ def test_cli_predict_into_the_query_folder_twice(toy_ckpt, episode, tmp_path, ca
     save_rgb(folder / "one.png", query)
     save_rgb(tmp_path / "s.png", support)
     save_rgb(tmp_path / "m.png", mask * 255)
-    args = ["predict", "--checkpoint", str(toy_ckpt), "--support", str(tmp_path / "s.png"),
-            str(tmp_path / "m.png"), "--query", str(folder), "--out", str(folder), "--quiet"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(toy_ckpt),
+        "--support",
+        str(tmp_path / "s.png"),
+        str(tmp_path / "m.png"),
+        "--query",
+        str(folder),
+        "--out",
+        str(folder),
+        "--quiet",
+    ]
     assert main(args) == 0 and main(args) == 0  # the second run does not segment the first run's outputs
     assert capsys.readouterr().out.count("1 image(s) segmented, 0 skipped") == 2
     assert sorted(p.name for p in folder.iterdir()) == ["one.png", "one_mask.png", "one_overlay.jpg"]

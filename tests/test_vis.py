@@ -52,9 +52,14 @@ def _row(k: int, seed: int) -> GridRow:
     query, truth = scene(50, 40, (5, 5, 30, 30), seed=seed + 10)
     pred = np.zeros_like(truth)
     pred[5:30, 5:20] = 1  # covers 60% of the object
-    return GridRow(supports=supports, query=query, truth=truth,
-                   predictions={"object": pred, "scenario": truth.copy(), "fused": pred},
-                   fusion_weights={"object": 0.6, "scenario": 0.4}, title=f"episode {seed}")
+    return GridRow(
+        supports=supports,
+        query=query,
+        truth=truth,
+        predictions={"object": pred, "scenario": truth.copy(), "fused": pred},
+        fusion_weights={"object": 0.6, "scenario": 0.4},
+        title=f"episode {seed}",
+    )
 
 
 def test_episode_grid_layout(tmp_path):
@@ -69,7 +74,7 @@ def test_episode_grid_layout(tmp_path):
     # the "scenario" tile (column 4) of the first row is the query with the object tinted red
     x0 = GRID_PAD + 4 * (tile + GRID_PAD)
     y0 = GRID_HEADER + GRID_CAPTION
-    cell = pixels[y0 + 20: y0 + tile - 8, x0 + 16: x0 + 30]  # inside the object, below the IoU label
+    cell = pixels[y0 + 20 : y0 + tile - 8, x0 + 16 : x0 + 30]  # inside the object, below the IoU label
     red = np.array(PREDICTION_COLOR)
     assert np.abs(cell - red).sum(axis=2).mean() < np.abs(cell - [220, 180, 40]).sum(axis=2).mean()
 
@@ -103,8 +108,16 @@ def test_read_metrics_merges_a_resumed_run(tmp_path):
 def test_plot_training_curves(tmp_path):
     records = []
     for s in range(20, 401, 20):
-        records.append({"step": s, "loss/total": 1.0 + 10.0 / s, "loss/expert_ce": 5.0 / s,
-                        "loss/distill": 0.1, "lr": 0.01, "seconds": s / 10})
+        records.append(
+            {
+                "step": s,
+                "loss/total": 1.0 + 10.0 / s,
+                "loss/expert_ce": 5.0 / s,
+                "loss/distill": 0.1,
+                "lr": 0.01,
+                "seconds": s / 10,
+            }
+        )
         if s % 100 == 0:
             records.append({"step": s, "val/miou": 0.2 + s / 2000, "val/fbiou": 0.5})
     path = plot_training_curves(_write_metrics(tmp_path / "metrics.jsonl", records), tmp_path / "curves.png")
@@ -127,9 +140,16 @@ def test_eval_save_vis(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "toy.pt")
     out = tmp_path / "run"
     args = ["eval", "--checkpoint", str(ckpt), "--output", str(out), "--quiet", "--save-vis", "3"]
-    for key, value in [("model.backbone", "toy"), ("model.weights", "null"), ("model.channels", "16"),
-                       ("data.image_size", "64"), ("eval.episodes", "4"), ("eval.seeds", "[0, 1]"),
-                       ("data.synthetic.images_per_class", "4"), ("data.synthetic.image_size", "96")]:
+    for key, value in [
+        ("model.backbone", "toy"),
+        ("model.weights", "null"),
+        ("model.channels", "16"),
+        ("data.image_size", "64"),
+        ("eval.episodes", "4"),
+        ("eval.seeds", "[0, 1]"),
+        ("data.synthetic.images_per_class", "4"),
+        ("data.synthetic.image_size", "96"),
+    ]:
         args += ["--set", f"{key}={value}"]
     assert main(args) == 0
     assert "episodes.png (3 of seed 0)" in capsys.readouterr().out

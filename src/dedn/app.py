@@ -75,8 +75,14 @@ def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     return background, None if painted is None else painted.astype(np.uint8)
 
 
-def segment(predictor: Predictor, support_image: Any, support_mask: Any, queries: Sequence[Any] | None,
-            out_dir: str | os.PathLike, mask_value: int | None = None) -> AppResult:
+def segment(
+    predictor: Predictor,
+    support_image: Any,
+    support_mask: Any,
+    queries: Sequence[Any] | None,
+    out_dir: str | os.PathLike,
+    mask_value: int | None = None,
+) -> AppResult:
     """Segment each query with one support; write ``<name>_mask.png`` files into ``out_dir``.
 
     ``support_image``: a path, an array, or an image-editor value (then paint on it gives the mask unless
@@ -136,8 +142,13 @@ def build_app(predictor: Predictor, description: str = ""):
         out_dir = tempfile.mkdtemp(prefix="dedn-app-")
         try:
             with lock:
-                result = segment(predictor, editor_value, _file_path(mask_file),
-                                 [_file_path(f) for f in (query_files or [])], out_dir)
+                result = segment(
+                    predictor,
+                    editor_value,
+                    _file_path(mask_file),
+                    [_file_path(f) for f in (query_files or [])],
+                    out_dir,
+                )
         except DednError as e:
             raise gr.Error(str(e)) from None
         return result.overlays, [str(p) for p in result.mask_files], result.message
@@ -152,19 +163,35 @@ def build_app(predictor: Predictor, description: str = ""):
         )
         with gr.Row():
             with gr.Column():
-                support = gr.ImageEditor(label="Support image (paint the object)", type="numpy",
-                                         sources=["upload"], elem_id="support")
-                mask = gr.File(label="Support mask (optional, instead of painting)", file_types=["image"],
-                               elem_id="support-mask")
+                support = gr.ImageEditor(
+                    label="Support image (paint the object)",
+                    type="numpy",
+                    sources=["upload"],
+                    elem_id="support",
+                )
+                mask = gr.File(
+                    label="Support mask (optional, instead of painting)",
+                    file_types=["image"],
+                    elem_id="support-mask",
+                )
             with gr.Column():
-                queries = gr.File(label="Query images", file_count="multiple", file_types=["image"],
-                                  elem_id="queries")
+                queries = gr.File(
+                    label="Query images", file_count="multiple", file_types=["image"], elem_id="queries"
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="Predictions", columns=3, height="auto", object_fit="contain",
-                             preview=False, elem_id="overlays", format="png")
-        masks = gr.File(label="Masks (PNG, 0 = background, 255 = object)", file_count="multiple",
-                        elem_id="masks")
+        gallery = gr.Gallery(
+            label="Predictions",
+            columns=3,
+            height="auto",
+            object_fit="contain",
+            preview=False,
+            elem_id="overlays",
+            format="png",
+        )
+        masks = gr.File(
+            label="Masks (PNG, 0 = background, 255 = object)", file_count="multiple", elem_id="masks"
+        )
         button.click(run, [support, mask, queries], [gallery, masks, status], api_name="segment")
     return demo
 
@@ -176,8 +203,14 @@ def _file_path(value: Any) -> Any:
     return getattr(value, "name", None) or getattr(value, "path", None) or value
 
 
-def launch_app(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None,
-               device: str | None = None, image_size: int | None = None, block: bool = True):
+def launch_app(
+    checkpoint: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    device: str | None = None,
+    image_size: int | None = None,
+    block: bool = True,
+):
     """Load the checkpoint and serve the page; returns the gradio app (already running if not ``block``)."""
     try:
         import gradio  # noqa: F401
@@ -185,10 +218,17 @@ def launch_app(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int
         raise DednError("the web page needs gradio: pip install 'dedn[app]'") from None
     predictor = Predictor.from_checkpoint(checkpoint, device=device, image_size=image_size)
     cfg = predictor.config
-    about = (f"Model: `{Path(checkpoint).name}` ({cfg.model.method}, {cfg.model.backbone}, "
-             f"input {predictor.image_size} px).")
+    about = (
+        f"Model: `{Path(checkpoint).name}` ({cfg.model.method}, {cfg.model.backbone}, "
+        f"input {predictor.image_size} px)."
+    )
     demo = build_app(predictor, about)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
-                show_error=True, quiet=not block)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        share=False,
+        show_error=True,
+        quiet=not block,
+    )
     return demo
-

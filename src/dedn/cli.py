@@ -11,9 +11,17 @@ from dedn.errors import DednError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (see configs/); default: the synthetic benchmark")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=500 (repeatable)")
+    p.add_argument(
+        "config", nargs="?", help="YAML config file (see configs/); default: the synthetic benchmark"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=500 (repeatable)",
+    )
     p.add_argument("--output", help="output folder (default: the config's output_dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -46,13 +54,17 @@ def cmd_train(args) -> int:
     device, info = _setup(cfg)
     trainer = Trainer(cfg, Path(cfg.output_dir), device, info, progress=not args.quiet)
     if args.resume:
-        path = Path(cfg.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+        path = (
+            Path(cfg.output_dir) / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+        )
         trainer.resume(path)
     summary = trainer.fit()
     if info.is_main:
-        print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; best validation mIoU "
-              f"{100 * summary['best']['miou']:.1f} at step {summary['best']['step']}; "
-              f"checkpoints in {Path(cfg.output_dir) / 'checkpoints'}")
+        print(
+            f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; best validation mIoU "
+            f"{100 * summary['best']['miou']:.1f} at step {summary['best']['step']}; "
+            f"checkpoints in {Path(cfg.output_dir) / 'checkpoints'}"
+        )
     return 0
 
 
@@ -72,7 +84,9 @@ def load_trained_model(cfg, checkpoint: str | None, device):
     digest = None
     if checkpoint:
         if not model.trainable:
-            raise CheckpointError(f"model.method = {cfg.model.method} is training-free and takes no checkpoint")
+            raise CheckpointError(
+                f"model.method = {cfg.model.method} is training-free and takes no checkpoint"
+            )
         state = load_checkpoint(checkpoint)
         check_compatible(checkpoint_config(state, checkpoint), cfg, checkpoint)
         load_model_state(model, state["model"], checkpoint)
@@ -97,10 +111,21 @@ def cmd_eval(args) -> int:
 
         bench = build_benchmark(cfg.data, progress=not args.quiet and info.is_main)
         if info.is_main:
-            recorder = EpisodeRecorder(bench.test_source, cfg.data.image_size, args.save_vis,
-                                       cfg.eval.seeds[0])
-    results = run_evaluation(cfg, model, device, output, Path(args.checkpoint) if args.checkpoint else None,
-                             digest, info, progress=not args.quiet, bench=bench, on_episode=recorder)
+            recorder = EpisodeRecorder(
+                bench.test_source, cfg.data.image_size, args.save_vis, cfg.eval.seeds[0]
+            )
+    results = run_evaluation(
+        cfg,
+        model,
+        device,
+        output,
+        Path(args.checkpoint) if args.checkpoint else None,
+        digest,
+        info,
+        progress=not args.quiet,
+        bench=bench,
+        on_episode=recorder,
+    )
     if info.is_main:
         print(format_summary(results))
         print(f"results: {output / 'results.json'} and {output / 'results.md'}")
@@ -125,15 +150,17 @@ def cmd_predict(args) -> int:
     if not queries:
         raise DataError(f"no image files found in {', '.join(args.query)}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.size)
-    support_set = predictor.encode_supports([s[0] for s in args.support], [s[1] for s in args.support],
-                                            mask_value=args.mask_value)
+    support_set = predictor.encode_supports(
+        [s[0] for s in args.support], [s[1] for s in args.support], mask_value=args.mask_value
+    )
     if support_set.empty:
         raise DataError("the support masks mark no object pixel (check --mask-value, or the masks)")
     for name, count in zip(support_set.names, support_set.foreground_pixels, strict=True):
         if count == 0:
             print(f"dedn: warning: the mask of support {name} marks no object pixel", file=sys.stderr)
-    summary = predict_files(predictor, support_set, queries, Path(args.out), progress=not args.quiet,
-                            ignored=ignored)
+    summary = predict_files(
+        predictor, support_set, queries, Path(args.out), progress=not args.quiet, ignored=ignored
+    )
     print(summary.format())
     print(f"masks and overlays in {args.out}")
     return 1 if summary.skipped else 0
@@ -145,15 +172,26 @@ def cmd_export(args) -> int:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", image_size=args.size)
     cfg = predictor.config
-    report = export_onnx(predictor.model, args.out, args.shots, predictor.image_size, opset=args.opset,
-                         verify=not args.no_verify,
-                         metadata={"method": cfg.model.method, "backbone": cfg.model.backbone,
-                                   "checkpoint": Path(args.checkpoint).name})
-    print(f"wrote {report.path} ({report.shots}-shot, input {report.image_size} px) "
-          f"in {report.seconds:.1f} s")
+    report = export_onnx(
+        predictor.model,
+        args.out,
+        args.shots,
+        predictor.image_size,
+        opset=args.opset,
+        verify=not args.no_verify,
+        metadata={
+            "method": cfg.model.method,
+            "backbone": cfg.model.backbone,
+            "checkpoint": Path(args.checkpoint).name,
+        },
+    )
+    print(
+        f"wrote {report.path} ({report.shots}-shot, input {report.image_size} px) in {report.seconds:.1f} s"
+    )
     if report.max_abs_diff is not None:
-        print(f"checked with onnxruntime: max |probability difference| to PyTorch = "
-              f"{report.max_abs_diff:.2e}")
+        print(
+            f"checked with onnxruntime: max |probability difference| to PyTorch = {report.max_abs_diff:.2e}"
+        )
     return 0
 
 
@@ -174,8 +212,10 @@ def cmd_episodes(args) -> int:
     seed = cfg.eval.seeds[0] if args.seed is None else args.seed
     episodes = sample_test_episodes(bench.split.test_pairs, n, cfg.data.shots, seed)
     path = write_episodes(args.out, episodes, bench.episode_meta(shots=cfg.data.shots, seed=seed, n=n))
-    print(f"wrote {len(episodes)} episodes ({bench.name} fold {bench.fold}, {cfg.data.shots}-shot, seed {seed}) "
-          f"to {path or args.out}")
+    print(
+        f"wrote {len(episodes)} episodes ({bench.name} fold {bench.fold}, {cfg.data.shots}-shot, "
+        f"seed {seed}) to {path or args.out}"
+    )
     return 0
 
 
@@ -206,20 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate on test episodes (mean +- std over seeds)")
     _config_args(p)
     p.add_argument("--checkpoint", help="trained weights (not needed for proto / prior)")
-    p.add_argument("--save-vis", type=int, default=0, metavar="N",
-                   help="draw the first N episodes of the first seed to <output>/episodes.png")
+    p.add_argument(
+        "--save-vis",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draw the first N episodes of the first seed to <output>/episodes.png",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "predict", help="segment your own images with a trained model",
+        "predict",
+        help="segment your own images with a trained model",
         description="Segment, in each query image, the object marked on the support image(s). Exit status: "
-                    "0 all queries done, 1 some query files could not be read (named on stderr and in the "
-                    "summary; the others are done), 2 bad input (checkpoint, supports, options).")
+        "0 all queries done, 1 some query files could not be read (named on stderr and in the "
+        "summary; the others are done), 2 bad input (checkpoint, supports, options).",
+    )
     p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
-    p.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                   help="a support image and its mask (repeat for K shots)")
-    p.add_argument("--query", nargs="+", required=True, metavar="PATH",
-                   help="query image(s) or folder(s) of images")
+    p.add_argument(
+        "--support",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("IMAGE", "MASK"),
+        help="a support image and its mask (repeat for K shots)",
+    )
+    p.add_argument(
+        "--query", nargs="+", required=True, metavar="PATH", help="query image(s) or folder(s) of images"
+    )
     p.add_argument("--out", required=True, help="output folder for <name>_mask.png and <name>_overlay.jpg")
     p.add_argument("--mask-value", type=int, help="the object's value in the support masks (label maps)")
     p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")

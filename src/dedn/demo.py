@@ -61,11 +61,15 @@ def main(args) -> int:
     print(f"[2/3] training DEDN for {cfg.train.steps} steps ({cfg.model.backbone}, ImageNet weights, frozen)")
     trainer = Trainer(cfg, output / "dedn", device, progress=progress, bench=bench)
     trainer.fit()
-    print(f"      best validation mIoU (base classes, held-out images) {100 * trainer.best['miou']:.1f} "
-          f"at step {trainer.best['step']}")
+    print(
+        f"      best validation mIoU (base classes, held-out images) {100 * trainer.best['miou']:.1f} "
+        f"at step {trainer.best['step']}"
+    )
 
-    print(f"[3/3] 1-shot evaluation on the novel classes: {cfg.eval.episodes} episodes x "
-          f"{len(cfg.eval.seeds)} seeds")
+    print(
+        f"[3/3] 1-shot evaluation on the novel classes: {cfg.eval.episodes} episodes x "
+        f"{len(cfg.eval.seeds)} seeds"
+    )
     rows = []
     episode_dir = output / "episodes"
     for method in ("dedn", "proto", "prior"):
@@ -75,18 +79,32 @@ def main(args) -> int:
         recorder = None
         if method == "dedn":
             recorder = EpisodeRecorder(bench.test_source, cfg.data.image_size, 8, cfg.eval.seeds[0])
-        results = run_evaluation(run_cfg, model, device, output / f"eval-{method}", checkpoint, digest,
-                                 progress=progress, bench=bench, on_episode=recorder)
+        results = run_evaluation(
+            run_cfg,
+            model,
+            device,
+            output / f"eval-{method}",
+            checkpoint,
+            digest,
+            progress=progress,
+            bench=bench,
+            on_episode=recorder,
+        )
         rows.append((method, results))
         if recorder is not None:
             picture = recorder.write(output / "episodes.png")
     print()
-    print(f"| method | mIoU (novel, 1-shot) | FB-IoU | ({cfg.eval.episodes} episodes x {len(cfg.eval.seeds)} seeds)")
+    print(
+        f"| method | mIoU (novel, 1-shot) | FB-IoU | "
+        f"({cfg.eval.episodes} episodes x {len(cfg.eval.seeds)} seeds)"
+    )
     print("|---|---|---|")
     for method, results in rows:
         s = results["summary"]
-        print(f"| {method} | {100 * s['miou']['mean']:.1f} +- {100 * s['miou']['std']:.1f} | "
-              f"{100 * s['fbiou']['mean']:.1f} +- {100 * s['fbiou']['std']:.1f} |")
+        print(
+            f"| {method} | {100 * s['miou']['mean']:.1f} +- {100 * s['miou']['std']:.1f} | "
+            f"{100 * s['fbiou']['mean']:.1f} +- {100 * s['fbiou']['std']:.1f} |"
+        )
     print(f"\npictures: {picture} (support | query + truth | each expert | fused, with the fusion weights)")
     print(f"training curves: {output / 'dedn' / 'curves.png'}")
     print(f"done in {time.perf_counter() - start:.0f} s; results under {output}")

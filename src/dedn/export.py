@@ -110,8 +110,8 @@ def _example(image_size: int, shots: int, seed: int, empty: bool) -> tuple[Tenso
     supports = torch.rand(1, shots, 3, s, s, generator=g)
     masks = torch.zeros(1, shots, s, s)
     if not empty:
-        masks[:, :, s // 4: 3 * s // 4, s // 5: 3 * s // 5] = 1.0
-        masks[:, :, -s // 8:, :] = 255.0  # padding, as TestTransform leaves it
+        masks[:, :, s // 4 : 3 * s // 4, s // 5 : 3 * s // 5] = 1.0
+        masks[:, :, -s // 8 :, :] = 255.0  # padding, as TestTransform leaves it
     return query, supports, masks
 
 
@@ -124,14 +124,23 @@ def run_onnx(path: str | os.PathLike, query: Tensor, supports: Tensor, support_m
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {"query": query.numpy(), "supports": supports.numpy(),
-             "support_masks": support_masks.float().numpy()}
+    feeds = {
+        "query": query.numpy(),
+        "supports": supports.numpy(),
+        "support_masks": support_masks.float().numpy(),
+    }
     return torch.from_numpy(session.run(["foreground"], feeds)[0])
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, shots: int, image_size: int,
-                opset: int = DEFAULT_OPSET, verify: bool = True, metadata: dict[str, str] | None = None
-                ) -> ExportReport:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    shots: int,
+    image_size: int,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> ExportReport:
     """Export ``model`` (a :class:`~dedn.models.network.FewShotSegmenter`) for K = ``shots`` at size S.
 
     With ``verify``, the file is run in onnxruntime on a few episodes (with and without an object in the
@@ -165,17 +174,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, shots: int, image_siz
                 opset_version=opset,
                 do_constant_folding=True,
             )
-        _add_metadata(tmp, {
-            "image_size": str(image_size),
-            "shots": str(shots),
-            "pad_rgb": ",".join(f"{v:g}" for v in PAD_RGB),
-            "inputs": "query (1,3,S,S) RGB [0,1]; supports (1,K,3,S,S); support_masks (1,K,S,S) float "
-                      "1 object / 0 background / 255 ignore",
-            "output": "foreground (1,1,S,S) probability",
-            "preprocess": "resize the longer side to S keeping the aspect ratio, pad bottom/right "
-                          "(images with pad_rgb, masks with 255)",
-            **(metadata or {}),
-        })
+        _add_metadata(
+            tmp,
+            {
+                "image_size": str(image_size),
+                "shots": str(shots),
+                "pad_rgb": ",".join(f"{v:g}" for v in PAD_RGB),
+                "inputs": "query (1,3,S,S) RGB [0,1]; supports (1,K,3,S,S); support_masks (1,K,S,S) float "
+                "1 object / 0 background / 255 ignore",
+                "output": "foreground (1,1,S,S) probability",
+                "preprocess": "resize the longer side to S keeping the aspect ratio, pad bottom/right "
+                "(images with pad_rgb, masks with 255)",
+                **(metadata or {}),
+            },
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # left behind only when the export failed

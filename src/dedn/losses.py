@@ -81,7 +81,9 @@ def prototype_contrast(
     k = support_embedding.shape[1]
     fg_frac = F.adaptive_avg_pool2d((query_target == 1).float().unsqueeze(1), (h, w)).flatten(1)
     bg_frac = F.adaptive_avg_pool2d((query_target == 0).float().unsqueeze(1), (h, w)).flatten(1)
-    bg_protos, bg_valid = background_prototypes(support_embedding.flatten(0, 1), support_bg.flatten(0, 1), grid)
+    bg_protos, bg_valid = background_prototypes(
+        support_embedding.flatten(0, 1), support_bg.flatten(0, 1), grid
+    )
     bg_protos = bg_protos.reshape(b, k * grid * grid, c)
     bg_valid = bg_valid.reshape(b, k * grid * grid)
     q = F.normalize(query_embedding.flatten(2), dim=1)  # (B, C, hw)

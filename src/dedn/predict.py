@@ -299,8 +299,9 @@ def load_mask(mask: ImageInput, name: str | None = None) -> LoadedImage:
     return LoadedImage(arr, label)
 
 
-def binarize_mask(values: np.ndarray, mask_value: int | None = None, name: str = "mask",
-                  palette: bool = False) -> np.ndarray:
+def binarize_mask(
+    values: np.ndarray, mask_value: int | None = None, name: str = "mask", palette: bool = False
+) -> np.ndarray:
     """Raw mask values (H, W) -> uint8 {0 background, 1 object, 255 ignore} (rules in the module doc)."""
     if values.dtype == bool:
         return values.astype(np.uint8)
@@ -362,8 +363,10 @@ def _check_pair(image: LoadedImage, mask: LoadedImage) -> None:
         return
     hint = ""
     if image.stored_hw is not None and image.orientation != 1 and tuple(image.stored_hw) == (mh, mw):
-        hint = (f"; the mask fits the image as stored, before its EXIF orientation ({image.orientation}) is "
-                "applied: save the mask in the orientation the photo is displayed in")
+        hint = (
+            f"; the mask fits the image as stored, before its EXIF orientation ({image.orientation}) is "
+            "applied: save the mask in the orientation the photo is displayed in"
+        )
     raise DataError(
         f"mask {mask.name} is {mw}x{mh} (WxH) but its image {image.name} is {iw}x{ih}; a mask must have "
         f"the size of its image{hint}"
@@ -435,8 +438,11 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, image_size: int, device: str | torch.device | None = None):
-        self.device = resolve_device(device) if device is not None else next(
-            (p.device for p in model.parameters()), torch.device("cpu"))
+        self.device = (
+            resolve_device(device)
+            if device is not None
+            else next((p.device for p in model.parameters()), torch.device("cpu"))
+        )
         self.model = model.to(self.device).eval()
         self.image_size = int(image_size)
         self.transform = TestTransform(self.image_size)
@@ -444,8 +450,9 @@ class Predictor:
         self.config = None  # the full run config when loaded from a checkpoint
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        image_size: int | None = None) -> Predictor:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, image_size: int | None = None
+    ) -> Predictor:
         """Build the model described by the checkpoint's own config and load its weights.
 
         Raises :class:`CheckpointError` for a missing, unreadable or mismatched file.
@@ -475,21 +482,30 @@ class Predictor:
         feats = self.model.encode(tensor.unsqueeze(0).to(self.device))
         return {k: v[0] for k, v in feats.items()}
 
-    def load_support(self, image: ImageInput, mask: ImageInput, mask_value: int | None = None,
-                     index: int = 0) -> tuple[LoadedImage, np.ndarray]:
+    def load_support(
+        self, image: ImageInput, mask: ImageInput, mask_value: int | None = None, index: int = 0
+    ) -> tuple[LoadedImage, np.ndarray]:
         """Decode one support: (its image, its {0, 1, 255} mask), checked to be the same size."""
         img = load_image(image, _describe(image, f"support {index + 1} image"))
         raw = load_mask(mask, _describe(mask, f"support {index + 1} mask"))
         _check_pair(img, raw)
         return img, binarize_mask(raw.pixels, mask_value, raw.name, raw.palette)
 
-    def encode_supports(self, supports: ImageInput | Sequence[ImageInput],
-                        support_masks: ImageInput | Sequence[ImageInput],
-                        mask_value: int | None = None) -> SupportSet:
+    def encode_supports(
+        self,
+        supports: ImageInput | Sequence[ImageInput],
+        support_masks: ImageInput | Sequence[ImageInput],
+        mask_value: int | None = None,
+    ) -> SupportSet:
         """Decode, check and encode K supports and their masks (one item or lists of K)."""
         images, masks = _as_list(supports), _as_list(support_masks)
-        if len(images) > 1 and len(masks) == 1 and isinstance(masks[0], np.ndarray | torch.Tensor) \
-                and masks[0].ndim == 3 and masks[0].shape[0] == len(images):
+        if (
+            len(images) > 1
+            and len(masks) == 1
+            and isinstance(masks[0], np.ndarray | torch.Tensor)
+            and masks[0].ndim == 3
+            and masks[0].shape[0] == len(images)
+        ):
             masks = list(masks[0])  # a (K, H, W) stack of masks for a stack of K images
         if not images:
             raise DataError("at least one support image is needed")
@@ -505,14 +521,20 @@ class Predictor:
                 names.append(img.name)
                 counts.append(int((binary == 1).sum()))
         features = {k: torch.stack([f[k] for f in feats]).unsqueeze(0) for k in feats[0]}
-        return SupportSet(features, torch.stack(tmasks).unsqueeze(0).to(self.device), names, counts,
-                          self.image_size)
+        return SupportSet(
+            features, torch.stack(tmasks).unsqueeze(0).to(self.device), names, counts, self.image_size
+        )
 
     # -------------------------------------------------------------------------------------- prediction
     @torch.no_grad()
-    def predict(self, query: ImageInput, supports: SupportSet | ImageInput | Sequence[ImageInput],
-                support_masks: ImageInput | Sequence[ImageInput] | None = None, return_experts: bool = False,
-                mask_value: int | None = None) -> Prediction:
+    def predict(
+        self,
+        query: ImageInput,
+        supports: SupportSet | ImageInput | Sequence[ImageInput],
+        support_masks: ImageInput | Sequence[ImageInput] | None = None,
+        return_experts: bool = False,
+        mask_value: int | None = None,
+    ) -> Prediction:
         """Segment in ``query`` the object marked by ``support_masks`` on ``supports``.
 
         ``supports`` is one image, a list of K images, or a :class:`SupportSet` (then ``support_masks`` is
@@ -527,14 +549,17 @@ class Predictor:
                 raise DataError("support_masks are required with support images")
             support_set = self.encode_supports(supports, support_masks, mask_value)
         if support_set.image_size != self.image_size:
-            raise DataError(f"the supports were encoded at size {support_set.image_size}, the predictor "
-                            f"runs at {self.image_size}")
+            raise DataError(
+                f"the supports were encoded at size {support_set.image_size}, the predictor "
+                f"runs at {self.image_size}"
+            )
         q = load_image(query, _describe(query, "query"))
         return self.predict_loaded(q, support_set, return_experts)
 
     @torch.no_grad()
-    def predict_loaded(self, q: LoadedImage, support_set: SupportSet, return_experts: bool = False
-                       ) -> Prediction:
+    def predict_loaded(
+        self, q: LoadedImage, support_set: SupportSet, return_experts: bool = False
+    ) -> Prediction:
         """:meth:`predict` for an already decoded query (:func:`load_image`) and encoded supports."""
         hw = q.pixels.shape[:2]
         qf = {k: v.unsqueeze(0) for k, v in self._encode(q.pixels).items()}
@@ -627,9 +652,15 @@ def save_jpeg(path: Path, array: np.ndarray, quality: int = 90) -> Path:
     return atomic_write(path, lambda f: image.save(f, format="JPEG", quality=quality))
 
 
-def predict_files(predictor: Predictor, support_set: SupportSet, queries: Sequence[Path], out_dir: Path,
-                  progress: bool = True, ignored: Sequence[Path] = (),
-                  report: Callable[[str], None] | None = None) -> FolderSummary:
+def predict_files(
+    predictor: Predictor,
+    support_set: SupportSet,
+    queries: Sequence[Path],
+    out_dir: Path,
+    progress: bool = True,
+    ignored: Sequence[Path] = (),
+    report: Callable[[str], None] | None = None,
+) -> FolderSummary:
     """Segment every query file, writing ``<name>_mask.png`` (0/255) and ``<name>_overlay.jpg``.
 
     A query that cannot be read is reported (``report``, default: stderr) and skipped; the others go on.
@@ -641,8 +672,12 @@ def predict_files(predictor: Predictor, support_set: SupportSet, queries: Sequen
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = FolderSummary(ignored=list(ignored))
-    bar = tqdm(list(zip(queries, output_names(queries), strict=True)), desc="predict", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        list(zip(queries, output_names(queries), strict=True)),
+        desc="predict",
+        unit="img",
+        disable=not progress,
+    )
 
     def say(message: str) -> None:
         if report is not None:

@@ -38,8 +38,18 @@ SUPPORT_COLOR = (40, 140, 255)
 TRUTH_COLOR = (40, 200, 60)
 PREDICTION_COLOR = (255, 50, 50)
 #: one colour per curve, in order (loss/total first)
-SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+SERIES_COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 #: grid layout, in pixels (see :func:`grid_size`)
 GRID_PAD = 6
@@ -71,8 +81,13 @@ def _boundary(mask: np.ndarray, thickness: int) -> np.ndarray:
     return mask & ~inner
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = PREDICTION_COLOR, alpha: float = 0.45,
-            outline: bool = True) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: Sequence[int] = PREDICTION_COLOR,
+    alpha: float = 0.45,
+    outline: bool = True,
+) -> np.ndarray:
     """Blend ``color`` over the pixels where ``mask == 1`` and draw their outline; 255 (ignore) is greyed.
 
     image: (H, W, 3) uint8; mask: (H, W) with 0/1 (and optionally 255). Returns (H, W, 3) uint8.
@@ -186,8 +201,11 @@ def episode_grid(rows: Sequence[GridRow], path: str | os.PathLike, tile: int = 1
         else:
             cells.append((row.query, ""))
         for name, pred in row.predictions.items():
-            score = row.scores.get(name) if row.scores is not None and name in row.scores else (
-                mask_iou(pred, row.truth) if row.truth is not None else None)
+            score = (
+                row.scores.get(name)
+                if row.scores is not None and name in row.scores
+                else (mask_iou(pred, row.truth) if row.truth is not None else None)
+            )
             text = f"IoU {_pct(score)}" if (row.truth is not None or row.scores) else ""
             cells.append((overlay(row.query, pred, PREDICTION_COLOR), text))
         for c, (pixels, text) in enumerate(cells):
@@ -249,8 +267,9 @@ class EpisodeRecorder:
         for name, logits in experts.items():
             restored = restore_logits(logits[:1].detach().float().cpu(), scaled, hw)
             predictions[name] = restored.argmax(dim=1)[0].numpy().astype(np.uint8)
-        predictions["fused" if experts else "prediction"] = result.prediction.detach().cpu().numpy().astype(
-            np.uint8)
+        predictions["fused" if experts else "prediction"] = (
+            result.prediction.detach().cpu().numpy().astype(np.uint8)
+        )
         scores = {k: mask_iou(v, truth) for k, v in predictions.items()}
         weights = None
         if "fusion_weights" in result.outputs and experts:
@@ -259,8 +278,12 @@ class EpisodeRecorder:
         supports = []
         for sid in ep.supports:
             label = binarize(self.source.load_label(sid), ep.class_id, self.ignore)
-            supports.append((_thumbnail(self.source.load_image(sid), self.tile, False),
-                             _thumbnail(label, self.tile, True)))
+            supports.append(
+                (
+                    _thumbnail(self.source.load_image(sid), self.tile, False),
+                    _thumbnail(label, self.tile, True),
+                )
+            )
         names = getattr(self.source, "class_names", [])
         cname = names[ep.class_id - 1] if 0 < ep.class_id <= len(names) else str(ep.class_id)
         return GridRow(
@@ -356,16 +379,24 @@ def _tick_label(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, ylabel: str,
-           curves: list[tuple[str, list[int], list[float], tuple[int, int, int], int]],
-           x_range: tuple[float, float], font, small) -> None:
+def _panel(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    title: str,
+    ylabel: str,
+    curves: list[tuple[str, list[int], list[float], tuple[int, int, int], int]],
+    x_range: tuple[float, float],
+    font,
+    small,
+) -> None:
     """One chart in ``box`` (left, top, right, bottom): axes, ticks, grid, curves and a legend."""
     left, top, right, bottom = box
     draw.text((left, top - 22), title, fill=_TEXT, font=font)
     if not curves:
         draw.rectangle(box, outline=(160, 160, 160))
-        draw.text((left + 12, (top + bottom) // 2 - 8), f"no {ylabel} records", fill=(120, 120, 120),
-                  font=font)
+        draw.text(
+            (left + 12, (top + bottom) // 2 - 8), f"no {ylabel} records", fill=(120, 120, 120), font=font
+        )
         return
     ys = [v for _, _, vals, _, _ in curves for v in vals]
     yticks = _nice_ticks(min(ys), max(ys))
@@ -414,8 +445,12 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
         draw.text((lx + 27, yy), name, fill=_TEXT, font=small)
 
 
-def plot_training_curves(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
-                         width: int = 900, panel_height: int = 300) -> Path:
+def plot_training_curves(
+    metrics_jsonl_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    width: int = 900,
+    panel_height: int = 300,
+) -> Path:
     """Draw the training losses (``loss/total`` and every other ``loss/*``) and the validation mIoU
     (``val/miou``, in %) against the step, as two stacked charts in one PNG. Returns the PNG's path."""
     series = read_metrics(metrics_jsonl_path)
@@ -438,12 +473,13 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, png_path: str | 
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
-    for i, (title, label, curves) in enumerate((
-        ("training loss", "loss", loss_curves),
-        ("validation mIoU (%)", "val/miou", val_curves),
-    )):
+    for i, (title, label, curves) in enumerate(
+        (
+            ("training loss", "loss", loss_curves),
+            ("validation mIoU (%)", "val/miou", val_curves),
+        )
+    ):
         top = i * panel_height + margin_t
         box = (margin_l, top, width - margin_r, (i + 1) * panel_height - margin_b)
         _panel(draw, box, title, label, curves, x_range, font, small)
     return _save(canvas, png_path)
-

@@ -59,9 +59,26 @@ ID_PREFIX = "syn_"
 # Photographs shipped inside the scikit-image wheel (checked to load with the network disabled). The
 # order matters: class k takes its texture from photo k modulo the list.
 _PHOTO_NAMES = (
-    "brick", "coffee", "grass", "chelsea", "gravel", "rocket", "coins", "immunohistochemistry",
-    "camera", "astronaut", "moon", "hubble_deep_field", "retina", "page", "clock", "cell",
-    "stereo_motorcycle", "text", "colorwheel", "logo",
+    "brick",
+    "coffee",
+    "grass",
+    "chelsea",
+    "gravel",
+    "rocket",
+    "coins",
+    "immunohistochemistry",
+    "camera",
+    "astronaut",
+    "moon",
+    "hubble_deep_field",
+    "retina",
+    "page",
+    "clock",
+    "cell",
+    "stereo_motorcycle",
+    "text",
+    "colorwheel",
+    "logo",
 )
 _PHOTO_MAX_SIDE = 512  # larger photos are downscaled once: crops are resized to <= 160 px anyway
 
@@ -144,8 +161,11 @@ def _blob(u, v, j):
     # a smooth random blob: radius modulated by two harmonics with per-instance phases and amplitudes
     theta = np.arctan2(v, u)
     r = np.sqrt(u * u + v * v)
-    edge = 0.78 * (1.0 + (0.12 + 0.1 * j[0]) * np.sin(3 * theta + 6.283 * j[1])
-                   + (0.06 + 0.08 * j[2]) * np.sin(5 * theta + 6.283 * j[3]))
+    edge = 0.78 * (
+        1.0
+        + (0.12 + 0.1 * j[0]) * np.sin(3 * theta + 6.283 * j[1])
+        + (0.06 + 0.08 * j[2]) * np.sin(5 * theta + 6.283 * j[3])
+    )
     return r < edge
 
 
@@ -211,8 +231,9 @@ _SHAPES: tuple[_ShapeFamily, ...] = (
     ),
     _ShapeFamily(
         "arrow",
-        _polygon([(-0.95, -0.2), (0.15, -0.2), (0.15, -0.6), (0.95, 0.0), (0.15, 0.6), (0.15, 0.2),
-                  (-0.95, 0.2)]),
+        _polygon(
+            [(-0.95, -0.2), (0.15, -0.2), (0.15, -0.6), (0.95, 0.0), (0.15, 0.6), (0.15, 0.2), (-0.95, 0.2)]
+        ),
         30.0,
     ),
     _ShapeFamily("blob", _blob, 180.0, jittered=True),
@@ -556,8 +577,14 @@ class SyntheticSource(SegmentationSource):
         # better regenerated in a data-loader worker than shipped to it
         return (
             type(self),
-            (self.seed, self.num_classes, self.images_per_class, self.image_size, self.ignore_border,
-             self.second_object),
+            (
+                self.seed,
+                self.num_classes,
+                self.images_per_class,
+                self.image_size,
+                self.ignore_border,
+                self.second_object,
+            ),
         )
 
     def __repr__(self) -> str:
@@ -611,8 +638,14 @@ class SyntheticSource(SegmentationSource):
 
         main = None
         for _ in range(50):  # rejection sampling until the visible main object is large enough
-            main = self._place(self._styles[main_class - 1].shape, main_class, rng, hw,
-                               math.exp(rng.uniform(math.log(0.14), math.log(0.40))) * area, photos)
+            main = self._place(
+                self._styles[main_class - 1].shape,
+                main_class,
+                rng,
+                hw,
+                math.exp(rng.uniform(math.log(0.14), math.log(0.40))) * area,
+                photos,
+            )
             if main is not None and int((main.alpha >= 0.5).sum()) >= min_main + self._border_loss(main):
                 break
         else:  # unreachable with the built-in shapes; kept as a clear failure
@@ -624,8 +657,14 @@ class SyntheticSource(SegmentationSource):
             other = other if other < main_class else other + 1
             on_top = rng.random() < 0.5
             for _ in range(10):
-                second = self._place(self._styles[other - 1].shape, other, rng, hw,
-                                     math.exp(rng.uniform(math.log(0.04), math.log(0.18))) * area, photos)
+                second = self._place(
+                    self._styles[other - 1].shape,
+                    other,
+                    rng,
+                    hw,
+                    math.exp(rng.uniform(math.log(0.04), math.log(0.18))) * area,
+                    photos,
+                )
                 if second is not None:
                     break
         # drawn last so that the draws above do not depend on it

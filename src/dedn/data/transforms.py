@@ -362,8 +362,12 @@ class TrainTransform:
 
         pad = _pad_tensor()
         # sample (image - pad) with zero padding, then add pad back: outside the image is exactly PAD_RGB
-        out_img = F.grid_sample(_to_float(img) - pad, grid, mode="bilinear", padding_mode="zeros",
-                                align_corners=False) + pad
+        out_img = (
+            F.grid_sample(
+                _to_float(img) - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+            + pad
+        )
         # shift labels by one so that zero padding marks "outside the image"
         lab_f = lab.to(torch.float32) + 1.0
         out = F.grid_sample(lab_f, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]

@@ -27,8 +27,16 @@ class Benchmark:
 
     def episode_meta(self, shots: int, seed: int, n: int) -> dict:
         """What an episode file must agree on to be reused for a run."""
-        return episode_meta(self.name, self.fold, shots, seed, n, self.test_source.fingerprint(),
-                            convention=self.convention, protocol=self.split.protocol)
+        return episode_meta(
+            self.name,
+            self.fold,
+            shots,
+            seed,
+            n,
+            self.test_source.fingerprint(),
+            convention=self.convention,
+            protocol=self.split.protocol,
+        )
 
 
 def _require_root(cfg: DataConfig) -> Path:
@@ -82,6 +90,14 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             raise ConfigError("data.protocol = standard needs data.train_split (and data.test_split)")
         train_source = build_source(cfg, cfg.train_split)
         train_counts = class_pixel_counts(train_source, progress=progress)
-        split = standard_split(train_counts, test_counts, novel, base, cfg.novel_in_train,
-                               cfg.val_fraction, seed=0, min_pixels=min_pixels)
+        split = standard_split(
+            train_counts,
+            test_counts,
+            novel,
+            base,
+            cfg.novel_in_train,
+            cfg.val_fraction,
+            seed=0,
+            min_pixels=min_pixels,
+        )
     return Benchmark(cfg.benchmark, cfg.fold, train_source, test_source, split, convention)

@@ -39,7 +39,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: not a readable dedn checkpoint ({type(e).__name__}: {first_line})") from None
+        raise CheckpointError(
+            f"{path}: not a readable dedn checkpoint ({type(e).__name__}: {first_line})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a dedn checkpoint (expected keys 'model' and 'config')")
     return state
@@ -49,7 +51,9 @@ def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
     try:
         return config_from_dict(state["config"])
     except ConfigError as e:
-        raise CheckpointError(f"{path}: its saved config is not valid for this version of dedn ({e})") from None
+        raise CheckpointError(
+            f"{path}: its saved config is not valid for this version of dedn ({e})"
+        ) from None
 
 
 def check_compatible(saved: Config, current: Config, path: str | Path) -> None:

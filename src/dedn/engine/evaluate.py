@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from dedn.config import Config, to_dict
 from dedn.data.episodes import Episode, binarize, read_episodes, sample_test_episodes, write_episodes
-from dedn.data.transforms import TestTransform, restore_logits
 from dedn.data.index import ignore_value
+from dedn.data.transforms import TestTransform, restore_logits
 from dedn.engine.benchmark import Benchmark, build_benchmark
 from dedn.engine.distributed import DistInfo
 from dedn.engine.features import FeatureCache, ImageEncoder
@@ -82,7 +82,9 @@ class EpisodeRunner:
         scaled = self.transform.scaled_hw(hw)
         logits = restore_logits(out["logits"], scaled, hw)
         prediction = logits.argmax(dim=1)[0]
-        target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(self.device)
+        target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
+            self.device
+        )
         return prediction, target, out
 
 
@@ -120,7 +122,9 @@ def episode_file(cfg: Config, bench: Benchmark, seed: int, episodes: int, output
     return folder / name
 
 
-def load_or_make_episodes(cfg: Config, bench: Benchmark, seed: int, path: Path, dist_info: DistInfo) -> list[Episode]:
+def load_or_make_episodes(
+    cfg: Config, bench: Benchmark, seed: int, path: Path, dist_info: DistInfo
+) -> list[Episode]:
     """Read the episode file, writing it first (main process only) when it does not exist."""
     from dedn.engine.distributed import barrier
 
@@ -134,8 +138,10 @@ def load_or_make_episodes(cfg: Config, bench: Benchmark, seed: int, path: Path, 
     clash = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if clash:
         detail = ", ".join(f"{k}: file {a!r}, run {b!r}" for k, (a, b) in clash.items())
-        raise DataError(f"episode file {path} was made for other settings ({detail}); delete it or point "
-                        "eval.episode_dir elsewhere")
+        raise DataError(
+            f"episode file {path} was made for other settings ({detail}); delete it or point "
+            "eval.episode_dir elsewhere"
+        )
     return episodes
 
 
@@ -162,8 +168,17 @@ def run_evaluation(
         episodes = load_or_make_episodes(cfg, bench, seed, path, dist_info)
         hook = (lambda i, r, seed=seed: on_episode(seed, i, r)) if on_episode else None
         metric = evaluate_episodes(
-            model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, device, cache,
-            dist_info, progress, desc=f"eval seed {seed}", on_episode=hook,
+            model,
+            bench.test_source,
+            episodes,
+            bench.split.novel,
+            cfg.data.image_size,
+            device,
+            cache,
+            dist_info,
+            progress,
+            desc=f"eval seed {seed}",
+            on_episode=hook,
         )
         result = metric.compute()
         result["seed"] = seed

@@ -71,7 +71,9 @@ class ImageEncoder:
             return self._encode(image)
         return self.cache.get(key, lambda: self._encode(image))
 
-    def episode(self, query_key: str, query: Tensor, support_keys, supports: Tensor) -> tuple[Features, Features]:
+    def episode(
+        self, query_key: str, query: Tensor, support_keys, supports: Tensor
+    ) -> tuple[Features, Features]:
         """Features of one episode with a batch dimension: query (1, C, h, w), supports (1, K, C, h, w)."""
         q = self(query_key, query)
         s = [self(key, img) for key, img in zip(support_keys, supports, strict=True)]

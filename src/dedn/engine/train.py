@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from dedn.config import Config, dump_config, to_dict
 from dedn.data.episodes import TrainEpisodeDataset, binarize, sample_test_episodes, train_episode
-from dedn.data.transforms import TestTransform, TrainTransform
 from dedn.data.index import ignore_value
+from dedn.data.transforms import TestTransform, TrainTransform
 from dedn.engine.benchmark import Benchmark, build_benchmark, pairs_by_class
 from dedn.engine.checkpoint import (
-    checkpoint_config,
     check_compatible,
+    checkpoint_config,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
@@ -66,8 +66,18 @@ class FeatureEpisodes:
     resolution, and augmentation is a random horizontal flip in feature space. Much cheaper on a CPU,
     at the cost of scale/rotation augmentation (see docs/method.md)."""
 
-    def __init__(self, model: FewShotSegmenter, source, by_class, shots: int, size: int, flip: float,
-                 seed: int, device: torch.device, progress: bool):
+    def __init__(
+        self,
+        model: FewShotSegmenter,
+        source,
+        by_class,
+        shots: int,
+        size: int,
+        flip: float,
+        seed: int,
+        device: torch.device,
+        progress: bool,
+    ):
         self.by_class, self.shots, self.flip, self.seed, self.size = by_class, shots, flip, seed, size
         transform = TestTransform(size)
         ids = sorted({i for pairs in by_class.values() for i in pairs})
@@ -83,7 +93,9 @@ class FeatureEpisodes:
 
     def _item(self, image_id: str, class_id: int, flip: bool):
         feats = self.features[image_id]
-        mask = torch.from_numpy(binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64))
+        mask = torch.from_numpy(
+            binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64)
+        )
         if flip:
             feats = {k: v.flip(-1) for k, v in feats.items()}
             mask = mask.flip(-1)
@@ -97,7 +109,9 @@ class FeatureEpisodes:
             f, m = self._item(ep.query, ep.class_id, bool(flips[0]))
             q_feats.append(f)
             q_masks.append(m)
-            sup = [self._item(sid, ep.class_id, bool(fl)) for sid, fl in zip(ep.supports, flips[1:], strict=True)]
+            sup = [
+                self._item(sid, ep.class_id, bool(fl)) for sid, fl in zip(ep.supports, flips[1:], strict=True)
+            ]
             s_feats.append({k: torch.stack([s[0][k] for s in sup]) for k in f})
             s_masks.append(torch.stack([s[1] for s in sup]))
         keys = q_feats[0].keys()
@@ -114,15 +128,24 @@ def poly_schedule(optimizer, steps: int, power: float):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, output_dir: Path, device: torch.device, dist_info: DistInfo | None = None,
-                 progress: bool = True, bench: Benchmark | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        output_dir: Path,
+        device: torch.device,
+        dist_info: DistInfo | None = None,
+        progress: bool = True,
+        bench: Benchmark | None = None,
+    ):
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.device = device
         self.info = dist_info or DistInfo()
         self.progress = progress and self.info.is_main
         if cfg.model.method in ("proto", "prior"):
-            raise ConfigError(f"model.method = {cfg.model.method} is training-free; evaluate it with `dedn eval`")
+            raise ConfigError(
+                f"model.method = {cfg.model.method} is training-free; evaluate it with `dedn eval`"
+            )
         self.bench = bench or build_benchmark(cfg.data, progress=self.progress)
         if not self.bench.split.train_pairs:
             raise ConfigError("no training pairs: check data.fold, data.min_pixels and the data root")
@@ -141,13 +164,18 @@ class Trainer:
             # base class with a single held-out image still forms episodes
             split = self.bench.split
             self.val_episodes = sample_test_episodes(
-                split.val_pairs, t.val_episodes, cfg.data.shots, seed=10_000 + t.seed,
+                split.val_pairs,
+                t.val_episodes,
+                cfg.data.shots,
+                seed=10_000 + t.seed,
                 support_pairs=split.val_pairs + split.train_pairs,
             )
         self.val_cache = FeatureCache()
         self.ddp = None
         if self.info.enabled:
-            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -186,8 +214,15 @@ class Trainer:
         sampler = StepSampler(self.step, cfg.train.steps, cfg.train.batch_size, self.info)
         if cfg.train.feature_cache:
             episodes = FeatureEpisodes(
-                self.model, self.bench.train_source, self.by_class, cfg.data.shots, cfg.data.image_size,
-                cfg.train.augment.flip, cfg.train.seed, self.device, self.progress,
+                self.model,
+                self.bench.train_source,
+                self.by_class,
+                cfg.data.shots,
+                cfg.data.image_size,
+                cfg.train.augment.flip,
+                cfg.train.seed,
+                self.device,
+                self.progress,
             )
             for indices in sampler:
                 yield episodes.batch(indices, self.device)
@@ -195,11 +230,22 @@ class Trainer:
         a = cfg.train.augment
         transform = TrainTransform(cfg.data.image_size, tuple(a.scale), a.rotate, a.blur, a.flip)
         # episode number = the sampler's global index (epoch 0 of a single long "epoch")
-        dataset = TrainEpisodeDataset(self.bench.train_source, self.by_class, cfg.data.shots, cfg.train.seed,
-                                      cfg.train.steps * cfg.train.batch_size, transform)
+        dataset = TrainEpisodeDataset(
+            self.bench.train_source,
+            self.by_class,
+            cfg.data.shots,
+            cfg.train.seed,
+            cfg.train.steps * cfg.train.batch_size,
+            transform,
+        )
         # a private generator: the loader must not draw from the global RNG (that would shift dropout)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.train.workers,
-                            generator=torch.Generator(), persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.train.workers,
+            generator=torch.Generator(),
+            persistent_workers=False,
+        )
         for batch in loader:
             yield {
                 "query": batch["query_image"].to(self.device),
@@ -219,8 +265,15 @@ class Trainer:
         if not self.val_episodes:
             return None
         metric = evaluate_episodes(
-            self.model, self.bench.train_source, self.val_episodes, self.bench.split.base,
-            self.cfg.data.image_size, self.device, self.val_cache, self.info, progress=False,
+            self.model,
+            self.bench.train_source,
+            self.val_episodes,
+            self.bench.split.base,
+            self.cfg.data.image_size,
+            self.device,
+            self.val_cache,
+            self.info,
+            progress=False,
         )
         self.model.train()
         return metric.compute()
@@ -272,9 +325,12 @@ class Trainer:
                 raise FloatingPointError(f"loss became {running['total']} at step {self.step}")
             if self.step % t.log_every == 0 or self.step == t.steps:
                 n = t.log_every if self.step % t.log_every == 0 else self.step % t.log_every
-                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                          **{f"loss/{k}": v / n for k, v in running.items()},
-                          "seconds": round(time.perf_counter() - start, 2)}
+                record = {
+                    "step": self.step,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **{f"loss/{k}": v / n for k, v in running.items()},
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
                 bar.set_postfix(loss=f"{record['loss/total']:.3f}")
                 self.log(record)
                 running = {}

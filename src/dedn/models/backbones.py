@@ -299,8 +299,11 @@ class ResNetBackbone(Backbone):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         blocks = RESNET_DEPTHS[depth]
         # (planes, stride, dilation) per stage
-        plan = [(64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4)] if dilate else [
-            (64, 1, 1), (128, 2, 1), (256, 2, 1), (512, 2, 1)]
+        plan = (
+            [(64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4)]
+            if dilate
+            else [(64, 1, 1), (128, 2, 1), (256, 2, 1), (512, 2, 1)]
+        )
         inplanes = stem_channels
         stride = 4
         self.feature_info["stem"] = FeatureLevel(stem_channels, stride)

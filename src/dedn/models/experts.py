@@ -46,9 +46,7 @@ class ContextPyramid(nn.Module):
 
     def __init__(self, channels: int, rates: list[int]):
         super().__init__()
-        self.branches = nn.ModuleList(
-            [conv_relu(channels, channels, 1 if r == 1 else 3, r) for r in rates]
-        )
+        self.branches = nn.ModuleList([conv_relu(channels, channels, 1 if r == 1 else 3, r) for r in rates])
         self.pool = conv_relu(channels, channels, 1)
         self.project = conv_relu(channels * (len(rates) + 1), channels, 1)
 
@@ -132,7 +130,9 @@ class ScenarioExpert(nn.Module):
         self.value_proj = conv_relu(channels, channels, 1)
         extra = 2 + int(cfg.gram_difference)
         self.merge = nn.Sequential(conv_relu(2 * channels + extra, channels, 1), nn.Dropout2d(dropout))
-        self.refine = nn.Sequential(ResidualBlock(channels, 1), ResidualBlock(channels, 2), ResidualBlock(channels, 4))
+        self.refine = nn.Sequential(
+            ResidualBlock(channels, 1), ResidualBlock(channels, 2), ResidualBlock(channels, 4)
+        )
         self.classifier = Classifier(channels, dropout)
 
     def normalize(self, fq: Tensor, fs: Tensor) -> tuple[Tensor, Tensor]:

@@ -52,9 +52,7 @@ class FewShotSegmenter(nn.Module):
         info = self.backbone.feature_info
         for name in self.mid_levels + self.high_levels:
             if name not in info:
-                raise ValueError(
-                    f"backbone {cfg.backbone} has no level '{name}'; it has: {', '.join(info)}"
-                )
+                raise ValueError(f"backbone {cfg.backbone} has no level '{name}'; it has: {', '.join(info)}")
         self.method = cfg.method
         self.expert_names: list[str] = []
         if self.method in TRAINING_FREE:
@@ -91,7 +89,9 @@ class FewShotSegmenter(nn.Module):
         high = torch.cat([F.normalize(fit(feats[n]), dim=1) for n in self.high_levels], dim=1)
         return {"mid": mid, "high": high}
 
-    def forward(self, query, supports, support_masks: Tensor, out_size: tuple[int, int] | None = None) -> dict:
+    def forward(
+        self, query, supports, support_masks: Tensor, out_size: tuple[int, int] | None = None
+    ) -> dict:
         """Images (query (B, 3, H, W), supports (B, K, 3, H, W)) or, when ``query`` is a dict, their
         precomputed features (then ``out_size`` is the input size)."""
         if isinstance(query, dict):
@@ -193,10 +193,7 @@ class FewShotSegmenter(nn.Module):
 
     def _support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
         b, k = support_masks.shape[:2]
-        if k == 1:
-            rest = [[0]]
-        else:
-            rest = [[j for j in range(k) if j != i] for i in range(k)]
+        rest = [[0]] if k == 1 else [[j for j in range(k) if j != i] for i in range(k)]
         index = torch.tensor(rest, device=support_masks.device)  # (K, K')
         pseudo_query = {n: t.flatten(0, 1) for n, t in supports.items()}  # (B*K, ...)
         pseudo_supports = {n: t[:, index].flatten(0, 1) for n, t in supports.items()}  # (B*K, K', ...)

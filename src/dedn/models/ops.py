@@ -81,7 +81,9 @@ def self_affinity(features: Tensor, temperature: float, window: int = 0) -> Tens
     return logits.softmax(dim=2)
 
 
-def continuity_guidance(prior: Tensor, features: Tensor, steps: int, temperature: float, window: int = 0) -> Tensor:
+def continuity_guidance(
+    prior: Tensor, features: Tensor, steps: int, temperature: float, window: int = 0
+) -> Tensor:
     """Object Continuity Guidance: spread the prior over the object's continuous extent.
 
     ``G = norm(A^t Y)`` with A the query self-affinity: a pixel inherits the prior of the pixels that look
@@ -111,7 +113,10 @@ def scene_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gram_difference(query: Tensor, support: Tensor) -> Tensor:
-    """BAM's scene difference: Frobenius distance of the Gram matrices. (B, C, h, w), (B, K, C, h, w) -> (B,)."""
+    """BAM's scene difference: Frobenius distance of the Gram matrices.
+
+    query (B, C, h, w), support (B, K, C, h, w) -> (B,), averaged over shots.
+    """
 
     def gram(x: Tensor) -> Tensor:
         f = F.normalize(x.flatten(2), dim=2)

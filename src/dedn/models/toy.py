@@ -20,14 +20,18 @@ class ToyBackbone(Backbone):
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, 2, 1), nn.ReLU())
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, 2, 1), nn.ReLU()
+            )
             self.stage1 = nn.Sequential(nn.Conv2d(24, 32, 3, 2, 1), nn.ReLU())
             self.stage2 = nn.Sequential(nn.Conv2d(32, 48, 3, 1, 1), nn.ReLU())
             self.stage3 = nn.Sequential(nn.Conv2d(48, 64, 3, 1, 2, dilation=2), nn.ReLU())
         finally:
             torch.random.set_rng_state(generator_state)
         self._stage_names = ("stage1", "stage2", "stage3")
-        self.feature_info = {n: FeatureLevel(c, 8) for n, c in zip(self._stage_names, (32, 48, 64), strict=True)}
+        self.feature_info = {
+            n: FeatureLevel(c, 8) for n, c in zip(self._stage_names, (32, 48, 64), strict=True)
+        }
         self.default_levels = {"mid": ["stage1", "stage2"], "high": ["stage3"]}
         self._finish_init()
 
