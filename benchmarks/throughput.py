@@ -35,7 +35,7 @@ SETTINGS = {
         "model.backbone=efficientnet_lite0",
         "model.weights=imagenet",
         "data.image_size=417",
-        "model.channels=128",
+        "model.channels=64",
     ],
     "resnet50-473": [
         "model.backbone=resnet50",

@@ -52,14 +52,7 @@ class EpisodeRunner:
         self.ignore = ignore_value(source)
 
     def _features(self, image_id: str):
-        def compute():
-            image = self.source.load_image(image_id)
-            tensor, _, _ = self.transform(image, None)
-            return self.encoder._encode(tensor)
-
-        if self.encoder.cache is None:
-            return compute()
-        return self.encoder.cache.get(image_id, compute)
+        return self.encoder(image_id, lambda: self.transform(self.source.load_image(image_id))[0])
 
     def support_masks(self, episode: Episode) -> torch.Tensor:
         masks = []
@@ -81,7 +74,9 @@ class EpisodeRunner:
         hw = label.shape[:2]
         scaled = self.transform.scaled_hw(hw)
         logits = restore_logits(out["logits"], scaled, hw)
-        prediction = logits.argmax(dim=1)[0]
+        # foreground where its logit is larger: argmax over two channels, without the slow strided
+        # reduction (ties go to background, as with argmax)
+        prediction = (logits[0, 1] > logits[0, 0]).long()
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
             self.device
         )

@@ -55,28 +55,21 @@ class FeatureCache:
 
 
 class ImageEncoder:
-    """Encodes one transformed image (3, S, S) into features (C, h, w), with an optional cache."""
+    """Features (C, h, w) of one image, encoded alone (batch of one) and cached when a cache is given.
+
+    ``load`` is called only on a cache miss, so a cached image is not even decoded again.
+    """
 
     def __init__(self, model, device: torch.device, cache: FeatureCache | None = None):
         self.model = model
         self.device = device
         self.cache = cache
 
-    def _encode(self, image: Tensor) -> Features:
-        feats = self.model.encode(image.unsqueeze(0).to(self.device))
+    def _encode(self, load: Callable[[], Tensor]) -> Features:
+        feats = self.model.encode(load().unsqueeze(0).to(self.device))
         return {k: v[0] for k, v in feats.items()}
 
-    def __call__(self, key: str, image: Tensor) -> Features:
+    def __call__(self, key: str, load: Callable[[], Tensor]) -> Features:
         if self.cache is None:
-            return self._encode(image)
-        return self.cache.get(key, lambda: self._encode(image))
-
-    def episode(
-        self, query_key: str, query: Tensor, support_keys, supports: Tensor
-    ) -> tuple[Features, Features]:
-        """Features of one episode with a batch dimension: query (1, C, h, w), supports (1, K, C, h, w)."""
-        q = self(query_key, query)
-        s = [self(key, img) for key, img in zip(support_keys, supports, strict=True)]
-        qf = {k: v.unsqueeze(0) for k, v in q.items()}
-        sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
-        return qf, sf
+            return self._encode(load)
+        return self.cache.get(key, lambda: self._encode(load))
