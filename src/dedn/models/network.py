@@ -192,16 +192,26 @@ class FewShotSegmenter(nn.Module):
             return self._support_scores(supports, support_masks, out_size)
 
     def _support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
-        b, k = support_masks.shape[:2]
-        rest = [[0]] if k == 1 else [[j for j in range(k) if j != i] for i in range(k)]
-        index = torch.tensor(rest, device=support_masks.device)  # (K, K')
-        pseudo_query = {n: t.flatten(0, 1) for n, t in supports.items()}  # (B*K, ...)
-        pseudo_supports = {n: t[:, index].flatten(0, 1) for n, t in supports.items()}  # (B*K, K', ...)
-        pseudo_masks = support_masks[:, index].flatten(0, 1)  # (B*K, K', H, W)
-        out = self.forward_features(pseudo_query, pseudo_supports, pseudo_masks, out_size, fuse=False)
-        targets = support_masks.flatten(0, 1)
-        scores = [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], targets) for e in self.expert_names]
-        return torch.stack(scores, dim=1).view(b, k, -1).mean(dim=1)
+        k = support_masks.shape[1]
+        per_shot = []
+        # one pseudo-episode per shot, run shot by shot: all K at once would multiply the memory of the
+        # dense matching by K (tens of GB for ResNet features at 5 shots)
+        for i in range(k):
+            rest = torch.tensor(
+                [0] if k == 1 else [j for j in range(k) if j != i], device=support_masks.device
+            )
+            pseudo_query = {n: t[:, i] for n, t in supports.items()}  # (B, C, h, w)
+            pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K', C, h, w)
+            out = self.forward_features(
+                pseudo_query, pseudo_supports, support_masks[:, rest], out_size, fuse=False
+            )
+            target = support_masks[:, i]
+            per_shot.append(
+                torch.stack(
+                    [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], target) for e in self.expert_names], 1
+                )
+            )
+        return torch.stack(per_shot, dim=1).mean(dim=1)  # (B, E)
 
     def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
         """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""
