@@ -70,20 +70,10 @@ def check_compatible(saved: Config, current: Config, path: str | Path) -> None:
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    expected = trainable_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:5]}")
-        raise CheckpointError(f"{path}: does not fit the model ({'; '.join(parts)})")
-    model.load_state_dict(state, strict=False)
+    """Load the trainable weights strictly; the frozen backbone comes from its own weights."""
+    from dedn.models.backbones import load_strict
+
+    load_strict(model, state, path, "the model", allow_missing=lambda key: key.startswith("backbone."))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -183,7 +183,7 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def _load_strict(
+def load_strict(
     module: nn.Module,
     state: Mapping[str, Tensor],
     path: str | os.PathLike,
@@ -358,7 +358,7 @@ class ResNetBackbone(Backbone):
     def load_weights(self, path: str | os.PathLike, state: Mapping[str, Tensor] | None = None) -> None:
         """Load a local weight file strictly (the classifier ``fc.*`` is ignored), or CheckpointError."""
         state = load_weight_file(path) if state is None else state
-        _load_strict(
+        load_strict(
             self,
             state,
             path,
@@ -519,7 +519,7 @@ class EfficientNetLiteBackbone(Backbone):
     def load_weights(self, path: str | os.PathLike, state: Mapping[str, Tensor] | None = None) -> None:
         """Load the package's weight file (or one of the same layout) strictly; the classifier is optional."""
         state = load_weight_file(path) if state is None else state
-        _load_strict(
+        load_strict(
             self.net, state, path, expected=self.name, allow_missing=lambda key: key.startswith("_fc.")
         )
 
