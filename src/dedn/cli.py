@@ -318,11 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group(wait: bool) -> None:
+    """Leave a torchrun process group cleanly: a process that exits while its peers still talk to it
+    dies in gloo's threads ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _close_process_group(wait=True)
+        return code
     except DednError as e:
         print(f"dedn: error: {e}", file=sys.stderr)
         return 2
