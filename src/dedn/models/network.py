@@ -111,16 +111,10 @@ class FewShotSegmenter(nn.Module):
         supports: dict[str, Tensor],
         support_masks: Tensor,
         out_size: tuple[int, int],
-        fuse: bool = True,
     ) -> dict[str, Tensor]:
-        """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w).
-
-        ``fuse=False`` skips the support pass of AWF (used for that pass itself).
-        """
-        b, k = support_masks.shape[:2]
-        h, w = query["mid"].shape[-2:]
-        fg, bg = mask_fractions(support_masks.flatten(0, 1), (h, w))
-        fg, bg = fg.view(b, k, 1, h, w), bg.view(b, k, 1, h, w)
+        """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w)."""
+        b = support_masks.shape[0]
+        fg, bg = self._support_fractions(support_masks, query["mid"].shape[-2:])
         if self.method == "proto":
             out = {"logits": self._proto_logits(query["high"], supports["high"], fg, bg)}
         elif self.method == "prior":
@@ -132,7 +126,7 @@ class FewShotSegmenter(nn.Module):
         out = self._upsample(out, out_size)
         if self.method == "dedn":
             probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
-            if self.cfg.fusion.mode == "awf" and fuse:
+            if self.cfg.fusion.mode == "awf":
                 scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
                 weights = fusion_weights(scores, self.cfg.fusion.temperature)
                 out["support_scores"] = scores
@@ -153,6 +147,14 @@ class FewShotSegmenter(nn.Module):
             out["logits"] = torch.where(empty.view(b, 1, 1, 1), fixed, out["logits"])
         out["empty_support"] = empty
         return out
+
+    @staticmethod
+    def _support_fractions(support_masks: Tensor, size) -> tuple[Tensor, Tensor]:
+        """Foreground/background fraction of each feature cell of each shot: two (B, K, 1, h, w)."""
+        b, k = support_masks.shape[:2]
+        h, w = size
+        fg, bg = mask_fractions(support_masks.flatten(0, 1), (h, w))
+        return fg.view(b, k, 1, h, w), bg.view(b, k, 1, h, w)
 
     def _expert_outputs(self, query, supports, fg, bg) -> dict:
         b, k = fg.shape[:2]
@@ -202,9 +204,9 @@ class FewShotSegmenter(nn.Module):
             )
             pseudo_query = {n: t[:, i] for n, t in supports.items()}  # (B, C, h, w)
             pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K', C, h, w)
-            out = self.forward_features(
-                pseudo_query, pseudo_supports, support_masks[:, rest], out_size, fuse=False
-            )
+            # the experts only: no fusion and no empty-support override are needed for the scores
+            fg, bg = self._support_fractions(support_masks[:, rest], pseudo_query["mid"].shape[-2:])
+            out = self._upsample(self._expert_outputs(pseudo_query, pseudo_supports, fg, bg), out_size)
             target = support_masks[:, i]
             per_shot.append(
                 torch.stack(
