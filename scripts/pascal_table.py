@@ -1,13 +1,17 @@
 """Run the offline PASCAL-5i table: methods x folds x shots (and the ablations), then collect it.
 
-Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to it, trained with
-``dedn train`` (trained methods) and scored with ``dedn eval`` on the same episode files (one per fold,
-shot count and seed). Wall times are recorded per run. Results are collected into ``<out>/table.md``
-and ``<out>/table.json``; a run whose ``results.json`` already exists is not repeated.
+Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to it. A trained row is
+trained once per fold with ``dedn train`` (1-shot episodes) and that model is scored with ``dedn eval`` at
+every shot count, on the same episode files as every other row (one per fold, shot count and seed).
+A test-time ablation (plain averaging instead of AWF) scores the DEDN model of its fold with another
+fusion; it needs no training of its own. Wall times are recorded per run. Results are collected into
+``<out>/table.md`` and ``<out>/table.json``; a run whose output already exists is not repeated, so
+several invocations (e.g. one per fold, in parallel) can share ``--out``.
 
     python scripts/pascal_table.py --folds 0 --shots 1                 # one fold, 1-shot, main methods
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 5         # the main table
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 --ablations
+    python scripts/pascal_table.py --collect                           # only rebuild table.md
 """
 
 from __future__ import annotations
@@ -21,28 +25,41 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
-TRAINING_FREE = ("proto", "prior")
+#: every trained model is trained on 1-shot episodes and scored at 1 and 5 shots
+TRAIN_SHOTS = 1
 
-#: row name -> overrides of configs/pascal_offline.yaml
+
+class Row:
+    """A table row: the model it trains (``train``: overrides; None = training-free) and the test-time
+    overrides it is scored with (``test``)."""
+
+    def __init__(self, train: list[str] | None, test: list[str] | None = None):
+        self.train = train
+        self.test = test or []
+
+
 METHODS = {
-    "dedn": ["model.method=dedn"],
-    "object": ["model.method=object"],
-    "scenario": ["model.method=scenario"],
-    "proto": ["model.method=proto"],
-    "prior": ["model.method=prior"],
+    "dedn": Row(["model.method=dedn"]),
+    "object": Row(["model.method=object"]),
+    "scenario": Row(["model.method=scenario"]),
+    "proto": Row(None, ["model.method=proto"]),
+    "prior": Row(None, ["model.method=prior"]),
 }
 ABLATIONS = {
-    "dedn w/o Scenario Normalization": ["model.method=dedn", "model.scenario.normalization=none"],
-    "dedn w/o Object Continuity Guidance": ["model.method=dedn", "model.object.ocg.enabled=false"],
-    "dedn w/o contrastive term": ["model.method=dedn", "loss.contrast.weight=0"],
-    "dedn w/o positive-guided KL": ["model.method=dedn", "loss.distill.mode=off"],
-    "dedn, plain averaging instead of AWF": ["model.method=dedn", "model.fusion.mode=mean"],
-    "dedn, PKL foreground-only": ["model.method=dedn", "loss.distill.mode=foreground"],
+    "dedn w/o Scenario Normalization": Row(["model.method=dedn", "model.scenario.normalization=none"]),
+    "dedn w/o Object Continuity Guidance": Row(["model.method=dedn", "model.object.ocg.enabled=false"]),
+    "dedn w/o contrastive term": Row(["model.method=dedn", "loss.contrast.weight=0"]),
+    "dedn w/o positive-guided KL": Row(["model.method=dedn", "loss.distill.mode=off"]),
+    # test-time: the DEDN model of the fold, fused by plain averaging
+    "dedn, plain averaging instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=mean"]),
+    "dedn, PKL foreground-only": Row(["model.method=dedn", "loss.distill.mode=foreground"]),
 }
+ROWS = {**METHODS, **ABLATIONS}
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+def slug(parts: list[str]) -> str:
+    text = "_".join(parts).lower()
+    return "".join(c if c.isalnum() or c in "._=" else "-" for c in text).replace("model.", "")
 
 
 def dedn(*args: str) -> float:
@@ -51,33 +68,55 @@ def dedn(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def run_row(name, overrides, fold, shots, out: Path, extra: list[str]) -> dict:
-    sets = [*overrides, f"data.fold={fold}", f"data.shots={shots}", *extra]
-    flags = [a for s in sets for a in ("--set", s)]
-    run = out / f"{slug(name)}-fold{fold}-{shots}shot"
-    results_file = run / "eval" / "results.json"
-    record = {"row": name, "fold": fold, "shots": shots, "overrides": sets}
-    if not results_file.exists():
-        trained = not any(o in (f"model.method={m}" for m in TRAINING_FREE) for o in overrides)
-        eval_flags = ["--set", f"eval.episode_dir={out / 'episodes'}"]
-        if trained:
-            record["train_seconds"] = dedn(
-                "train", str(CONFIG), "--quiet", "--output", str(run / "train"), *flags
-            )
-            ckpt = ["--checkpoint", str(run / "train" / "checkpoints" / "best.pt")]
-        else:
-            ckpt = []
-        record["eval_seconds"] = dedn(
-            "eval", str(CONFIG), "--quiet", "--output", str(run / "eval"), *ckpt, *flags, *eval_flags
-        )
-        (run / "times.json").write_text(json.dumps(record, indent=2))
+def flags(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def train_model(overrides: list[str], fold: int, out: Path, extra: list[str]) -> tuple[Path, float | None]:
+    """Train (once) the model of ``overrides`` on ``fold``: -> its best checkpoint, training seconds."""
+    run = out / "models" / f"{slug(overrides)}-fold{fold}"
+    times = run / "times.json"
+    if not times.exists():
+        sets = [*overrides, f"data.fold={fold}", f"data.shots={TRAIN_SHOTS}", *extra]
+        seconds = dedn("train", str(CONFIG), "--quiet", "--output", str(run), *flags(sets))
+        times.write_text(json.dumps({"train_seconds": seconds, "overrides": sets}, indent=2))
+    return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
+
+
+def run_row(name: str, row: Row, fold: int, shots: int, out: Path, extra: list[str]) -> dict:
+    record: dict = {"row": name, "fold": fold, "shots": shots}
+    checkpoint: list[str] = []
+    sets = [*(row.train or []), *row.test, f"data.fold={fold}", f"data.shots={shots}", *extra]
+    if row.train is not None:
+        ckpt, record["train_seconds"] = train_model(row.train, fold, out, extra)
+        checkpoint = ["--checkpoint", str(ckpt)]
+        record["checkpoint"] = str(ckpt.relative_to(out))
+    run = out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
+    results_file = run / "results.json"
+    times = run / "times.json"
+    if not times.exists():
+        eval_sets = [*sets, f"eval.episode_dir={out / 'episodes'}"]
+        seconds = dedn("eval", str(CONFIG), "--quiet", "--output", str(run), *checkpoint, *flags(eval_sets))
+        times.write_text(json.dumps({"eval_seconds": seconds, "overrides": sets}, indent=2))
+    record["eval_seconds"] = json.loads(times.read_text())["eval_seconds"]
+    record["overrides"] = sets
     results = json.loads(results_file.read_text())
-    times = json.loads((run / "times.json").read_text()) if (run / "times.json").exists() else {}
-    record.update({k: v for k, v in times.items() if k.endswith("seconds")})
     record["miou"] = results["summary"]["miou"]
     record["fbiou"] = results["summary"]["fbiou"]
     record["settings"] = results["settings"]
     return record
+
+
+def collect(out: Path) -> list[dict]:
+    """Every finished run under ``out``, in table order."""
+    records = []
+    for shots in (1, 5):
+        for fold in range(4):
+            for name, row in ROWS.items():
+                run = out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
+                if (run / "times.json").exists():
+                    records.append(run_row(name, row, fold, shots, out, []))
+    return records
 
 
 def table(records: list[dict]) -> str:
@@ -117,24 +156,25 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ablations", action="store_true", help="the ablation rows instead of the methods")
+    parser.add_argument("--collect", action="store_true", help="only collect the finished runs")
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="extra override for every row"
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "pascal-table"))
     args = parser.parse_args()
     out = Path(args.out)
-    rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
-    records = []
-    for shots in args.shots:
+    if not args.collect:
+        rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
         for fold in args.folds:
-            for name, overrides in rows.items():
-                records.append(run_row(name, overrides, fold, shots, out, args.extra))
-                r = records[-1]
-                print(
-                    f"{name} fold {fold} {shots}-shot: mIoU {100 * r['miou']['mean']:.1f} "
-                    f"(train {r.get('train_seconds', 0):.0f} s, eval {r.get('eval_seconds', 0):.0f} s)",
-                    flush=True,
-                )
+            for shots in args.shots:
+                for name, row in rows.items():
+                    r = run_row(name, row, fold, shots, out, args.extra)
+                    print(
+                        f"{name} fold {fold} {shots}-shot: mIoU {100 * r['miou']['mean']:.1f} "
+                        f"(train {r.get('train_seconds') or 0:.0f} s, eval {r['eval_seconds']:.0f} s)",
+                        flush=True,
+                    )
+    records = collect(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(records, indent=2))
     (out / "table.md").write_text(table(records))

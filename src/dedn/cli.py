@@ -231,6 +231,34 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    import torch
+
+    from dedn.engine.benchmark import build_benchmark
+    from dedn.engine.features import build_feature_store
+    from dedn.models.network import FewShotSegmenter
+
+    cfg = _load(args)
+    bench = build_benchmark(cfg.data, progress=not args.quiet)
+    model = FewShotSegmenter(cfg.model).eval()
+    root = None if cfg.feature_store in (None, "auto") else cfg.feature_store
+    sources = (
+        [bench.train_source]
+        if bench.train_source is bench.test_source
+        else [
+            bench.train_source,
+            bench.test_source,
+        ]
+    )
+    for source in sources:
+        start = time.perf_counter()
+        store = build_feature_store(
+            model, source, cfg.data.image_size, torch.device("cpu"), root, progress=not args.quiet
+        )
+        print(f"{source.name}: {len(store)} images in {store.folder} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dedn import __version__
 
@@ -309,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="scan a data set and print the fold's image and pair counts")
     _config_args(p)
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "features",
+        help="encode every image of the benchmark once into the on-disk feature store (feature_store)",
+    )
+    _config_args(p)
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic benchmark")
     p.add_argument("--output", default="runs/demo", help="output folder")

@@ -90,6 +90,9 @@ class FusionConfig:
     temperature: float = 0.1
     #: weight each pixel by the expert's confidence 1 - H(p)/log 2
     confidence: bool = True
+    #: the fusion inside the training loss (the fused cross-entropy): mean (plain averaging, no extra
+    #: pass over the support) | awf. At test time ``mode`` applies.
+    train_mode: str = "mean"
 
 
 @dataclass
@@ -166,6 +169,9 @@ class TrainConfig:
     #: compute each training image's frozen backbone features once and augment in feature space
     #: (flip only); much faster on a CPU, see docs/method.md
     feature_cache: bool = False
+    #: side of the square on which the training loss is computed (logits upsampled, labels subsampled);
+    #: null = data.image_size. Cheaper on a CPU; evaluation is always scored at the original label size.
+    loss_size: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     log_every: int = 20
     val_every: int = 250
@@ -191,6 +197,9 @@ class Config:
     name: str = "dedn"
     output_dir: str = "runs/dedn"
     device: str = "auto"
+    #: frozen backbone features on disk, computed once and shared by every run and process: null (off),
+    #: "auto" (under $DEDN_CACHE_DIR or ~/.cache/dedn) or a folder; see `dedn features`
+    feature_store: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -206,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),
     "model.scenario.normalization": ("instance", "adain", "none"),
     "model.fusion.mode": ("awf", "mean"),
+    "model.fusion.train_mode": ("awf", "mean"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "loss.distill.mode": ("correct", "foreground", "off"),
 }

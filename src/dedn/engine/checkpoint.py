@@ -17,8 +17,16 @@ from dedn.config import Config, config_from_dict, flatten, to_dict
 from dedn.errors import CheckpointError, ConfigError
 from dedn.utils.io import atomic_write
 
-#: model settings that change the parameters or what they mean; a checkpoint must agree on all of them
-_MODEL_KEYS_IGNORED = ("model.weights",)
+#: model settings a checkpoint must agree on: all of them except these, which change neither the
+#: parameters nor what they mean (the backbone's weight file, and the test-time fusion and baselines,
+#: so that e.g. plain averaging can be scored with a model trained with AWF)
+_MODEL_KEYS_IGNORED = (
+    "model.weights",
+    "model.fusion.mode",
+    "model.fusion.temperature",
+    "model.fusion.confidence",
+)
+_MODEL_PREFIXES_IGNORED = ("model.baseline.",)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,7 +68,11 @@ def check_compatible(saved: Config, current: Config, path: str | Path) -> None:
     """Raise if the checkpoint's model settings differ from the current config's."""
     a = flatten(to_dict(saved.model), "model")
     b = flatten(to_dict(current.model), "model")
-    diff = [k for k in a if k not in _MODEL_KEYS_IGNORED and a[k] != b.get(k)]
+    diff = [
+        k
+        for k in a
+        if k not in _MODEL_KEYS_IGNORED and not k.startswith(_MODEL_PREFIXES_IGNORED) and a[k] != b.get(k)
+    ]
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a[k]!r}, config {b.get(k)!r}" for k in diff[:6])
         raise CheckpointError(

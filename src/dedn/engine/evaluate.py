@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from dedn.data.index import ignore_value
 from dedn.data.transforms import TestTransform, restore_logits
 from dedn.engine.benchmark import Benchmark, build_benchmark
 from dedn.engine.distributed import DistInfo
-from dedn.engine.features import FeatureCache, ImageEncoder
+from dedn.engine.features import FeatureCache, ImageEncoder, open_feature_store
 from dedn.errors import DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
 from dedn.utils.io import atomic_write_json, atomic_write_text
@@ -50,6 +51,19 @@ class EpisodeRunner:
         self.device = device
         self.encoder = ImageEncoder(model, device, cache)
         self.ignore = ignore_value(source)
+        # labels recur as often as images do: decode each once (bounded, a COCO split has 40k)
+        self._labels: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._max_labels = 4096
+
+    def label(self, image_id: str) -> np.ndarray:
+        if image_id in self._labels:
+            self._labels.move_to_end(image_id)
+            return self._labels[image_id]
+        label = self.source.load_label(image_id)
+        self._labels[image_id] = label
+        if len(self._labels) > self._max_labels:
+            self._labels.popitem(last=False)
+        return label
 
     def _features(self, image_id: str):
         return self.encoder(image_id, lambda: self.transform(self.source.load_image(image_id))[0])
@@ -57,7 +71,7 @@ class EpisodeRunner:
     def support_masks(self, episode: Episode) -> torch.Tensor:
         masks = []
         for sid in episode.supports:
-            label = self.source.load_label(sid)
+            label = self.label(sid)
             _, mask, _ = self.transform(None, binarize(label, episode.class_id, self.ignore))
             masks.append(mask)
         return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
@@ -65,7 +79,7 @@ class EpisodeRunner:
     @torch.no_grad()
     def run(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> prediction (H, W), target (H, W) at the query's original label size, model outputs."""
-        label = self.source.load_label(episode.query)
+        label = self.label(episode.query)
         q = self._features(episode.query)
         s = [self._features(sid) for sid in episode.supports]
         qf = {k: v.unsqueeze(0) for k, v in q.items()}
@@ -155,7 +169,10 @@ def run_evaluation(
     """Evaluate every seed of ``cfg.eval.seeds``; write results.json and results.md (main process)."""
     dist_info = dist_info or DistInfo()
     bench = bench or build_benchmark(cfg.data, progress=progress and dist_info.is_main)
-    cache = FeatureCache() if cfg.eval.feature_cache else None
+    store = open_feature_store(
+        cfg, model, bench.test_source, device, dist_info, progress and dist_info.is_main
+    )
+    cache = store or (FeatureCache() if cfg.eval.feature_cache else None)
     per_seed = []
     start = time.perf_counter()
     for seed in cfg.eval.seeds:

@@ -7,11 +7,21 @@ alone (batch of one), cached or not, which keeps the cached and uncached paths b
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
+
+from dedn.errors import DataError
 
 Features = dict[str, Tensor]
 
@@ -73,3 +83,132 @@ class ImageEncoder:
         if self.cache is None:
             return self._encode(load)
         return self.cache.get(key, lambda: self._encode(load))
+
+
+class FeatureStore:
+    """Frozen features of every image of a source, kept on disk and shared by runs and processes.
+
+    One float32 ``<name>.npy`` per feature (N, C, h, w), memory-mapped, and ``index.json`` (image id ->
+    row). Every image is encoded alone (batch of one), exactly as :class:`ImageEncoder` does, so results
+    are bit-identical to encoding on the fly. The operating system's page cache holds one copy in memory
+    however many processes read the store: a table of many training and evaluation runs encodes each
+    image once, instead of once per run. Build it with :func:`build_feature_store` (``dedn features``).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = json.loads((self.folder / "index.json").read_text())
+        self.key = index["key"]
+        self.rows = {image_id: i for i, image_id in enumerate(index["ids"])}
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in index["names"]}
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def features(self, image_id: str) -> Features:
+        row = self.rows[image_id]
+        return {name: torch.from_numpy(np.array(a[row])) for name, a in self.arrays.items()}
+
+    def get(self, key: str, compute: Callable[[], Features]) -> Features:
+        """The :class:`FeatureCache` interface: stored features, or ``compute()`` for an unknown id."""
+        if key in self.rows:
+            self.hits += 1
+            return self.features(key)
+        self.misses += 1
+        return compute()
+
+
+def feature_store_key(source, model_cfg, image_size: int, mid_levels, high_levels) -> str:
+    """What the stored features depend on: the images, the backbone and its weights, the input size."""
+    weights = model_cfg.weights
+    if weights not in (None, "imagenet") and Path(weights).is_file():
+        stat = Path(weights).stat()
+        weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    described = {
+        "format": 1,
+        "source": f"{source.name}-{source.fingerprint()}",
+        "backbone": model_cfg.backbone,
+        "weights": weights,
+        "dilate": model_cfg.dilate,
+        "mid": list(mid_levels),
+        "high": list(high_levels),
+        "image_size": image_size,
+        "torch": torch.__version__,
+    }
+    blob = json.dumps(described, sort_keys=True).encode()
+    return f"{source.name}-{model_cfg.backbone}-{image_size}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def build_feature_store(
+    model,
+    source,
+    image_size: int,
+    device: torch.device,
+    root: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureStore:
+    """Open the store of ``source`` under ``root`` (default ``cache_dir()/features``), encoding every
+    image first if it does not exist yet. Written to a temporary folder and renamed into place, so an
+    interrupted build leaves nothing half-written behind, and two processes building at once cannot mix."""
+    from dedn.data.transforms import TestTransform
+    from dedn.utils.io import cache_dir
+
+    root = Path(root) if root else cache_dir() / "features"
+    key = feature_store_key(source, model.cfg, image_size, model.mid_levels, model.high_levels)
+    folder = root / key
+    if (folder / "index.json").is_file():
+        return FeatureStore(folder)
+    ids = list(source.ids)
+    if not ids:
+        raise DataError(f"{source.name}: no images to encode")
+    transform = TestTransform(image_size)
+    encoder = ImageEncoder(model, device)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        arrays: dict[str, np.ndarray] = {}
+        for i, image_id in enumerate(tqdm(ids, desc="encoding images", disable=not progress, leave=False)):
+            feats = encoder(image_id, lambda image_id=image_id: transform(source.load_image(image_id))[0])
+            if not arrays:
+                for name, t in feats.items():
+                    arrays[name] = np.lib.format.open_memmap(
+                        tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(ids), *t.shape)
+                    )
+            for name, t in feats.items():
+                arrays[name][i] = t.cpu().numpy()
+        for a in arrays.values():
+            a.flush()
+        del arrays
+        index = {"key": key, "ids": ids, "names": sorted(feats), "image_size": image_size}
+        (tmp / "index.json").write_text(json.dumps(index))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "index.json").is_file():  # not "another process finished first"
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureStore(folder)
+
+
+def open_feature_store(cfg, model, source, device: torch.device, dist_info=None, progress: bool = True):
+    """The store that ``cfg.feature_store`` asks for (None when it is off). Under torchrun the main
+    process builds it while the others wait."""
+    from dedn.engine.distributed import DistInfo, barrier
+
+    if not cfg.feature_store:
+        return None
+    info = dist_info or DistInfo()
+    root = None if cfg.feature_store == "auto" else cfg.feature_store
+    if info.is_main:
+        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress)
+    barrier(info)
+    if not info.is_main:
+        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress=False)
+    return store

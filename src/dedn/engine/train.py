@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from dedn.engine.checkpoint import (
 )
 from dedn.engine.distributed import DistInfo, barrier
 from dedn.engine.evaluate import evaluate_episodes
-from dedn.engine.features import FeatureCache
+from dedn.engine.features import FeatureCache, FeatureStore, open_feature_store
 from dedn.errors import ConfigError
 from dedn.losses import dedn_loss
 from dedn.models.network import FewShotSegmenter
@@ -77,22 +78,31 @@ class FeatureEpisodes:
         seed: int,
         device: torch.device,
         progress: bool,
+        store: FeatureStore | None = None,
     ):
         self.by_class, self.shots, self.flip, self.seed, self.size = by_class, shots, flip, seed, size
         transform = TestTransform(size)
         ids = sorted({i for pairs in by_class.values() for i in pairs})
+        self.store = store
         self.features: dict[str, dict[str, torch.Tensor]] = {}
         self.labels: dict[str, torch.Tensor] = {}
         self.ignore = ignore_value(source)
-        for image_id in tqdm(ids, desc="encoding training images", disable=not progress, leave=False):
-            image, label = source.load_pair(image_id)
-            img, lab, _ = transform(image, label)
-            feats = model.encode(img.unsqueeze(0).to(device))
-            self.features[image_id] = {k: v[0] for k, v in feats.items()}
+        desc = "reading training labels" if store else "encoding training images"
+        for image_id in tqdm(ids, desc=desc, disable=not progress, leave=False):
+            if store is not None and image_id in store:
+                # features are read from the store when a batch needs them
+                _, lab, _ = transform(None, source.load_label(image_id))
+            else:
+                image, label = source.load_pair(image_id)
+                img, lab, _ = transform(image, label)
+                feats = model.encode(img.unsqueeze(0).to(device))
+                self.features[image_id] = {k: v[0] for k, v in feats.items()}
             self.labels[image_id] = lab  # (S, S) int64, padding 255
 
     def _item(self, image_id: str, class_id: int, flip: bool):
-        feats = self.features[image_id]
+        feats = self.features.get(image_id)
+        if feats is None:
+            feats = self.store.features(image_id)
         mask = torch.from_numpy(
             binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64)
         )
@@ -170,7 +180,10 @@ class Trainer:
                 seed=10_000 + t.seed,
                 support_pairs=split.val_pairs + split.train_pairs,
             )
-        self.val_cache = FeatureCache()
+        self.store = open_feature_store(
+            cfg, self.model, self.bench.train_source, device, self.info, self.progress
+        )
+        self.val_cache = self.store or FeatureCache()
         self.ddp = None
         if self.info.enabled:
             self.ddp = DistributedDataParallel(
@@ -223,6 +236,7 @@ class Trainer:
                 cfg.train.seed,
                 self.device,
                 self.progress,
+                self.store,
             )
             for indices in sampler:
                 yield episodes.batch(indices, self.device)
@@ -255,11 +269,22 @@ class Trainer:
             }
 
     def _forward(self, batch: dict) -> dict:
+        """The model on a batch, its logits at ``train.loss_size`` (``batch["query_mask"]`` is resized to
+        match, nearest neighbour)."""
         net = self.ddp or self.model
-        size = (self.cfg.data.image_size, self.cfg.data.image_size)
+        side = self.cfg.train.loss_size or self.cfg.data.image_size
+        size = (side, side)
         if isinstance(batch["query"], dict):
-            return net(batch["query"], batch["supports"], batch["support_masks"], out_size=size)
-        return net(batch["query"], batch["supports"], batch["support_masks"])
+            features = batch["query"], batch["supports"]
+        else:
+            b, k = batch["supports"].shape[:2]
+            q = self.model.encode(batch["query"])
+            s = self.model.encode(batch["supports"].flatten(0, 1))
+            features = q, {name: t.view(b, k, *t.shape[1:]) for name, t in s.items()}
+        mask = batch["query_mask"]
+        if tuple(mask.shape[-2:]) != size:
+            batch["query_mask"] = F.interpolate(mask[:, None].float(), size, mode="nearest")[:, 0].long()
+        return net(*features, batch["support_masks"], out_size=size)
 
     def validate(self) -> dict | None:
         if not self.val_episodes:

@@ -126,13 +126,14 @@ class FewShotSegmenter(nn.Module):
         out = self._upsample(out, out_size)
         if self.method == "dedn":
             probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
-            if self.cfg.fusion.mode == "awf":
+            mode = self.cfg.fusion.train_mode if self.training else self.cfg.fusion.mode
+            if mode == "awf":
                 scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
                 weights = fusion_weights(scores, self.cfg.fusion.temperature)
                 out["support_scores"] = scores
             else:
                 weights = torch.full((b, len(probs)), 1.0 / len(probs), device=probs[0].device)
-            confidence = self.cfg.fusion.confidence and self.cfg.fusion.mode == "awf"
+            confidence = self.cfg.fusion.confidence and mode == "awf"
             fused = fuse_probabilities(probs, weights, confidence)
             out["fusion_weights"] = weights
             out["probability"] = fused
@@ -208,6 +209,8 @@ class FewShotSegmenter(nn.Module):
             fg, bg = self._support_fractions(support_masks[:, rest], pseudo_query["mid"].shape[-2:])
             out = self._upsample(self._expert_outputs(pseudo_query, pseudo_supports, fg, bg), out_size)
             target = support_masks[:, i]
+            if target.shape[-2:] != tuple(out_size):  # e.g. the training loss at a lower resolution
+                target = F.interpolate(target[:, None].float(), out_size, mode="nearest")[:, 0].long()
             per_shot.append(
                 torch.stack(
                     [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], target) for e in self.expert_names], 1

@@ -51,13 +51,19 @@ def cosine_prior(query_high: Tensor, support_high: Tensor, support_fg: Tensor) -
     q = F.normalize(query_high.flatten(2), dim=1)  # (B, C, hw)
     priors = []
     for shot in range(k):
-        s = F.normalize(support_high[:, shot].flatten(2), dim=1)  # (B, C, hw)
-        fg = (support_fg[:, shot].flatten(1) > 0.5).float()  # (B, hw)
-        sim = torch.einsum("bcq,bcs->bqs", q, s)  # (B, hw_q, hw_s)
-        # pixels outside the support foreground cannot be the best match
-        sim = sim.masked_fill(fg.unsqueeze(1) == 0, -2.0)
+        fg = support_fg[:, shot].flatten(1) > 0.5  # (B, hw)
+        # only support foreground cells can be the best match: compare with those alone (a few tens of
+        # the hundreds of cells), gathered into a (B, C, n) block padded to the largest count
+        count = fg.sum(dim=1)  # (B,)
+        n = max(int(count.max()), 1)
+        order = torch.argsort((~fg).to(torch.uint8), dim=1, stable=True)[:, :n]  # fg cells first
+        valid = torch.arange(n, device=fg.device).unsqueeze(0) < count.unsqueeze(1)  # (B, n)
+        s = support_high[:, shot].flatten(2).gather(2, order.unsqueeze(1).expand(b, c, n))
+        s = F.normalize(s, dim=1)  # (B, C, n)
+        sim = torch.einsum("bcq,bcs->bqs", q, s)  # (B, hw_q, n)
+        sim = sim.masked_fill(~valid.unsqueeze(1), -2.0)
         best = sim.max(dim=2).values.view(b, 1, h, w)
-        empty = fg.sum(dim=1) == 0
+        empty = count == 0
         best = torch.where(empty.view(b, 1, 1, 1), torch.zeros_like(best), best)
         priors.append(min_max_normalize(best))
     return torch.stack(priors, dim=0).mean(dim=0)
