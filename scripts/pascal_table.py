@@ -72,35 +72,52 @@ def flags(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def train_model(overrides: list[str], fold: int, out: Path, extra: list[str]) -> tuple[Path, float | None]:
+def train_model(
+    overrides: list[str], fold: int, out: Path, extra: list[str], config: Path = CONFIG
+) -> tuple[Path, float | None]:
     """Train (once) the model of ``overrides`` on ``fold``: -> its best checkpoint, training seconds."""
     run = out / "models" / f"{slug(overrides)}-fold{fold}"
     times = run / "times.json"
     if not times.exists():
         sets = [*overrides, f"data.fold={fold}", f"data.shots={TRAIN_SHOTS}", *extra]
-        seconds = dedn("train", str(CONFIG), "--quiet", "--output", str(run), *flags(sets))
+        seconds = dedn("train", str(config), "--quiet", "--output", str(run), *flags(sets))
         times.write_text(json.dumps({"train_seconds": seconds, "overrides": sets}, indent=2))
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 
-def run_row(name: str, row: Row, fold: int, shots: int, out: Path, extra: list[str]) -> dict:
-    record: dict = {"row": name, "fold": fold, "shots": shots}
+def eval_dir(out: Path, name: str, fold: int, shots: int) -> Path:
+    return out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
+
+
+def run_row(
+    name: str, row: Row, fold: int, shots: int, out: Path, extra: list[str], config: Path = CONFIG
+) -> dict:
+    """Train the row's model if needed, score it on the fold's episodes if needed; -> its record."""
     checkpoint: list[str] = []
     sets = [*(row.train or []), *row.test, f"data.fold={fold}", f"data.shots={shots}", *extra]
     if row.train is not None:
-        ckpt, record["train_seconds"] = train_model(row.train, fold, out, extra)
+        ckpt, _ = train_model(row.train, fold, out, extra, config)
         checkpoint = ["--checkpoint", str(ckpt)]
-        record["checkpoint"] = str(ckpt.relative_to(out))
-    run = out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
-    results_file = run / "results.json"
-    times = run / "times.json"
-    if not times.exists():
+    run = eval_dir(out, name, fold, shots)
+    if not (run / "times.json").exists():
         eval_sets = [*sets, f"eval.episode_dir={out / 'episodes'}"]
-        seconds = dedn("eval", str(CONFIG), "--quiet", "--output", str(run), *checkpoint, *flags(eval_sets))
-        times.write_text(json.dumps({"eval_seconds": seconds, "overrides": sets}, indent=2))
-    record["eval_seconds"] = json.loads(times.read_text())["eval_seconds"]
-    record["overrides"] = sets
-    results = json.loads(results_file.read_text())
+        seconds = dedn("eval", str(config), "--quiet", "--output", str(run), *checkpoint, *flags(eval_sets))
+        (run / "times.json").write_text(json.dumps({"eval_seconds": seconds, "overrides": sets}, indent=2))
+    return read_record(name, fold, shots, out)
+
+
+def read_record(name: str, fold: int, shots: int, out: Path) -> dict:
+    """A finished row: its scores, settings, overrides and wall times (training and evaluation)."""
+    run = eval_dir(out, name, fold, shots)
+    times = json.loads((run / "times.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    record = {"row": name, "fold": fold, "shots": shots, "overrides": times["overrides"]}
+    checkpoint = results["settings"]["checkpoint"]
+    if checkpoint:
+        model = Path(checkpoint).parents[1]
+        record["checkpoint"] = checkpoint
+        record["train_seconds"] = json.loads((model / "times.json").read_text())["train_seconds"]
+    record["eval_seconds"] = times["eval_seconds"]
     record["miou"] = results["summary"]["miou"]
     record["fbiou"] = results["summary"]["fbiou"]
     record["settings"] = results["settings"]
@@ -109,14 +126,13 @@ def run_row(name: str, row: Row, fold: int, shots: int, out: Path, extra: list[s
 
 def collect(out: Path) -> list[dict]:
     """Every finished run under ``out``, in table order."""
-    records = []
-    for shots in (1, 5):
-        for fold in range(4):
-            for name, row in ROWS.items():
-                run = out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
-                if (run / "times.json").exists():
-                    records.append(run_row(name, row, fold, shots, out, []))
-    return records
+    return [
+        read_record(name, fold, shots, out)
+        for shots in range(1, 11)
+        for fold in range(4)
+        for name in ROWS
+        if (eval_dir(out, name, fold, shots) / "times.json").exists()
+    ]
 
 
 def table(records: list[dict]) -> str:
@@ -145,7 +161,27 @@ def table(records: list[dict]) -> str:
             fb = f"{100 * sum(fbs) / len(fbs):.1f}" if len(fbs) == len(folds) else "-"
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} | {fb} |")
         lines.append("")
-    return "\n".join(lines)
+    lines += [
+        "### Wall time per fold (s; training once per fold, evaluation per shot count)",
+        "",
+        "| method | shots | " + " | ".join(f"fold {f}" for f in folds) + " |",
+        "|---|---|" + "---|" * len(folds),
+    ]
+    for shots in sorted({r["shots"] for r in records}):
+        for row in dict.fromkeys(r["row"] for r in records if r["shots"] == shots):
+            cells = []
+            for f in folds:
+                r = next(
+                    (r for r in records if r["row"] == row and r["fold"] == f and r["shots"] == shots), None
+                )
+                if r is None:
+                    cells.append("-")
+                elif r.get("train_seconds") is not None:
+                    cells.append(f"train {r['train_seconds']:.0f}, eval {r['eval_seconds']:.0f}")
+                else:
+                    cells.append(f"eval {r['eval_seconds']:.0f}")
+            lines.append(f"| {row} | {shots} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -156,19 +192,24 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ablations", action="store_true", help="the ablation rows instead of the methods")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="these rows (instead of the above)")
     parser.add_argument("--collect", action="store_true", help="only collect the finished runs")
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="extra override for every row"
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "pascal-table"))
+    parser.add_argument("--config", default=str(CONFIG), help="the base config of every row")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     if not args.collect:
-        rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
+        if args.rows:
+            rows = {name: ROWS[name] for name in args.rows}
+        else:
+            rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
         for fold in args.folds:
             for shots in args.shots:
                 for name, row in rows.items():
-                    r = run_row(name, row, fold, shots, out, args.extra)
+                    r = run_row(name, row, fold, shots, out, args.extra, Path(args.config))
                     print(
                         f"{name} fold {fold} {shots}-shot: mIoU {100 * r['miou']['mean']:.1f} "
                         f"(train {r.get('train_seconds') or 0:.0f} s, eval {r['eval_seconds']:.0f} s)",

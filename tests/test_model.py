@@ -271,3 +271,25 @@ def test_every_backbone_trains_dedn(backbone, weights):
     dedn_loss(out, target, LossConfig(), model.expert_names)["total"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_cosine_prior_equals_the_best_match_over_all_foreground_cells():
+    """The prior gathers the support foreground cells; it must equal a brute-force maximum over them,
+    for every episode of a batch with different foreground counts, and for an empty shot."""
+    torch.manual_seed(3)
+    b, k, c, h, w = 3, 2, 8, 6, 5
+    q, s = torch.randn(b, c, h, w), torch.randn(b, k, c, h, w)
+    fg = (torch.rand(b, k, 1, h, w) < torch.tensor([0.1, 0.5, 0.9]).view(b, 1, 1, 1, 1)).float()
+    fg[1, 0] = 0.0
+    prior = cosine_prior(q, s, fg)
+    expected = torch.zeros(b, 1, h, w)
+    for i in range(b):
+        for shot in range(k):
+            cells = fg[i, shot, 0].flatten() > 0.5
+            if not cells.any():
+                continue  # an empty shot contributes a zero map
+            qn = torch.nn.functional.normalize(q[i].flatten(1), dim=0)  # (C, hw)
+            sn = torch.nn.functional.normalize(s[i, shot].flatten(1)[:, cells], dim=0)
+            best = (qn.T @ sn).max(dim=1).values
+            expected[i, 0] += ((best - best.min()) / (best.max() - best.min() + 1e-6)).view(h, w)
+    torch.testing.assert_close(prior, expected / k, rtol=0, atol=1e-6)

@@ -75,6 +75,8 @@ def _as_label_tensor(label: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
         if not np.issubdtype(label.dtype, np.integer) or label.min() < 0 or label.max() > 255:
             raise DataError(f"label must be uint8 (values 0..255), got dtype {label.dtype}")
         label = label.astype(np.uint8)
+    if not label.flags.writeable:  # e.g. a view of a decoded PIL image; torch wants its own memory
+        label = label.copy()
     return torch.from_numpy(np.ascontiguousarray(label))[None, None]
 
 

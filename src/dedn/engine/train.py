@@ -133,6 +133,23 @@ class FeatureEpisodes:
         }
 
 
+def validation_episodes(cfg: Config, bench: Benchmark) -> list:
+    """The validation episodes of a run: base classes, queries from the held-out training images.
+
+    Supports may also come from training images, so that a base class with a single held-out image
+    still forms episodes. These (never the test episodes) select checkpoints and tune settings."""
+    split = bench.split
+    if not split.val_pairs or cfg.train.val_episodes <= 0:
+        return []
+    return sample_test_episodes(
+        split.val_pairs,
+        cfg.train.val_episodes,
+        cfg.data.shots,
+        seed=10_000 + cfg.train.seed,
+        support_pairs=split.val_pairs + split.train_pairs,
+    )
+
+
 def poly_schedule(optimizer, steps: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / steps) ** power)
 
@@ -168,18 +185,7 @@ class Trainer:
         self.step = 0
         self.best = {"miou": -1.0, "step": -1}
         self.by_class = pairs_by_class(self.bench.split.train_pairs)
-        self.val_episodes = []
-        if self.bench.split.val_pairs and t.val_episodes > 0:
-            # queries from the held-out images; supports may also come from training images, so that a
-            # base class with a single held-out image still forms episodes
-            split = self.bench.split
-            self.val_episodes = sample_test_episodes(
-                split.val_pairs,
-                t.val_episodes,
-                cfg.data.shots,
-                seed=10_000 + t.seed,
-                support_pairs=split.val_pairs + split.train_pairs,
-            )
+        self.val_episodes = validation_episodes(cfg, self.bench)
         self.store = open_feature_store(
             cfg, self.model, self.bench.train_source, device, self.info, self.progress
         )

@@ -50,18 +50,23 @@ def cosine_prior(query_high: Tensor, support_high: Tensor, support_fg: Tensor) -
     b, k, c, h, w = support_high.shape
     q = F.normalize(query_high.flatten(2), dim=1)  # (B, C, hw)
     priors = []
+    # a traced graph (ONNX export) cannot size a tensor from the data: compare with every cell there
+    gather = not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
     for shot in range(k):
         fg = support_fg[:, shot].flatten(1) > 0.5  # (B, hw)
-        # only support foreground cells can be the best match: compare with those alone (a few tens of
-        # the hundreds of cells), gathered into a (B, C, n) block padded to the largest count
         count = fg.sum(dim=1)  # (B,)
-        n = max(int(count.max()), 1)
-        order = torch.argsort((~fg).to(torch.uint8), dim=1, stable=True)[:, :n]  # fg cells first
-        valid = torch.arange(n, device=fg.device).unsqueeze(0) < count.unsqueeze(1)  # (B, n)
-        s = support_high[:, shot].flatten(2).gather(2, order.unsqueeze(1).expand(b, c, n))
-        s = F.normalize(s, dim=1)  # (B, C, n)
-        sim = torch.einsum("bcq,bcs->bqs", q, s)  # (B, hw_q, n)
-        sim = sim.masked_fill(~valid.unsqueeze(1), -2.0)
+        s = support_high[:, shot].flatten(2)  # (B, C, hw)
+        if gather:
+            # only support foreground cells can be the best match: compare with those alone (a few tens
+            # of the hundreds of cells), gathered into a (B, C, n) block padded to the largest count
+            n = max(int(count.max()), 1)
+            order = torch.argsort((~fg).to(torch.uint8), dim=1, stable=True)[:, :n]  # fg cells first
+            keep = torch.arange(n, device=fg.device).unsqueeze(0) < count.unsqueeze(1)  # (B, n)
+            s = s.gather(2, order.unsqueeze(1).expand(b, c, n))
+        else:
+            keep = fg
+        sim = torch.einsum("bcq,bcs->bqs", q, F.normalize(s, dim=1))  # (B, hw_q, n)
+        sim = sim.masked_fill(~keep.unsqueeze(1), -2.0)
         best = sim.max(dim=2).values.view(b, 1, h, w)
         empty = count == 0
         best = torch.where(empty.view(b, 1, 1, 1), torch.zeros_like(best), best)

@@ -1,0 +1,147 @@
+"""The on-disk feature store, the loss resolution and the fusion used in training."""
+
+import json
+
+import pytest
+import torch
+
+from dedn.cli import load_trained_model, main
+from dedn.data.episodes import sample_test_episodes
+from dedn.data.transforms import TestTransform
+from dedn.engine.benchmark import build_benchmark
+from dedn.engine.checkpoint import trainable_state
+from dedn.engine.evaluate import evaluate_episodes
+from dedn.engine.features import FeatureCache, ImageEncoder, build_feature_store
+from dedn.engine.train import Trainer
+from dedn.models.network import FewShotSegmenter
+from test_engine import TINY, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def _store(tmp_path, cfg, model=None):
+    model = model or FewShotSegmenter(cfg.model).eval()
+    bench = build_benchmark(cfg.data)
+    store = build_feature_store(model, bench.test_source, cfg.data.image_size, CPU, tmp_path / "s", False)
+    return model, bench, store
+
+
+def test_stored_features_equal_features_encoded_on_the_fly(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, bench, store = _store(tmp_path, cfg)
+    ids = bench.test_source.ids
+    assert len(store) == len(ids)
+    encoder = ImageEncoder(model, CPU)
+    transform = TestTransform(cfg.data.image_size)
+    for image_id in ids[:: max(1, len(ids) // 7)]:
+        fresh = encoder(image_id, lambda i=image_id: transform(bench.test_source.load_image(i))[0])
+        stored = store.features(image_id)
+        assert stored.keys() == fresh.keys()
+        for key in fresh:
+            assert torch.equal(stored[key], fresh[key]), (image_id, key)
+    # an unknown id falls back to computing; a known one never does
+    assert store.get("not-an-image", lambda: {"x": torch.ones(1)})["x"].item() == 1.0
+    store.get(ids[0], lambda: pytest.fail("a stored image must not be encoded again"))
+    assert store.hits == 1 and store.misses == 1
+
+
+def test_store_is_reopened_not_rebuilt_and_keyed_by_settings(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, bench, store = _store(tmp_path, cfg)
+    index = store.folder / "index.json"
+    stamp = index.stat().st_mtime_ns
+    again = build_feature_store(model, bench.test_source, cfg.data.image_size, CPU, tmp_path / "s", False)
+    assert again.folder == store.folder and index.stat().st_mtime_ns == stamp
+    other = build_feature_store(model, bench.test_source, 48, CPU, tmp_path / "s", False)
+    assert other.folder != store.folder
+    assert (
+        other.features(bench.test_source.ids[0])["mid"].shape[-1]
+        < store.features(bench.test_source.ids[0])["mid"].shape[-1]
+    )
+    # nothing but the two finished stores is left in the root (no temporary folders)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
+        [store.folder.name, other.folder.name]
+    )
+
+
+def test_evaluation_with_the_store_equals_evaluation_without(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.feature_cache=true")
+    Trainer(cfg, tmp_path, CPU, progress=False).fit()
+    model, _ = load_trained_model(cfg, str(tmp_path / "checkpoints" / "last.pt"), CPU)
+    _, bench, store = _store(tmp_path, cfg, model)
+    episodes = sample_test_episodes(bench.split.test_pairs, 12, 2, seed=5)
+    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, CPU)
+    with_store = evaluate_episodes(*args, cache=store, progress=False)
+    in_memory = evaluate_episodes(*args, cache=FeatureCache(), progress=False)
+    assert store.hits > 0 and store.misses == 0
+    for key in ("class_intersection", "class_union", "totals"):
+        assert torch.equal(with_store.state_dict()[key], in_memory.state_dict()[key])
+
+
+def test_training_from_the_store_equals_training_from_memory(tmp_path):
+    opts = ["train.feature_cache=true", "train.steps=3"]
+    a = Trainer(tiny_config(tmp_path / "a", *opts), tmp_path / "a", CPU, progress=False)
+    a.fit()
+    b_cfg = tiny_config(tmp_path / "b", *opts, f"feature_store={tmp_path / 'store'}")
+    b = Trainer(b_cfg, tmp_path / "b", CPU, progress=False)
+    assert b.store is not None and len(b.store) > 0
+    b.fit()
+    sa, sb = trainable_state(a.model), trainable_state(b.model)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert b.store.hits > 0  # the validation episodes read the store too
+
+
+def test_features_command_builds_the_store(tmp_path, capsys):
+    sets = [a for s in TINY for a in ("--set", s)]
+    store = tmp_path / "store"
+    assert main(["features", "--quiet", *sets, "--set", f"feature_store={store}"]) == 0
+    out = capsys.readouterr().out
+    (folder,) = list(store.iterdir())
+    index = json.loads((folder / "index.json").read_text())
+    assert str(len(index["ids"])) in out and set(index["names"]) == {"mid", "high"}
+
+
+def test_loss_size_trains_on_a_coarser_grid(tmp_path):
+    cfg = tiny_config(tmp_path, "train.feature_cache=true", "train.loss_size=32", "train.steps=2")
+    trainer = Trainer(cfg, tmp_path, CPU, progress=False)
+    seen = []
+    original = trainer._forward
+
+    def spy(batch):
+        out = original(batch)
+        seen.append((tuple(out["logits"].shape[-2:]), tuple(batch["query_mask"].shape[-2:])))
+        return out
+
+    trainer._forward = spy
+    trainer.fit()
+    assert seen and all(s == ((32, 32), (32, 32)) for s in seen)
+    assert trainer.step == 2
+
+
+@pytest.mark.parametrize("train_mode", ["mean", "awf"])
+def test_fusion_in_training_follows_train_mode(tmp_path, monkeypatch, train_mode):
+    cfg = tiny_config(tmp_path, f"model.fusion.train_mode={train_mode}")
+    model = FewShotSegmenter(cfg.model)
+    calls = []
+    real = model.support_scores
+    monkeypatch.setattr(model, "support_scores", lambda *a: calls.append(1) or real(*a))
+    b, k, s = 2, 2, cfg.data.image_size
+    query, supports = torch.rand(b, 3, s, s), torch.rand(b, k, 3, s, s)
+    masks = (torch.rand(b, k, s, s) > 0.5).long()
+    model.train()
+    out = model(query, supports, masks)
+    assert len(calls) == (1 if train_mode == "awf" else 0)
+    if train_mode == "mean":
+        assert torch.allclose(out["fusion_weights"], torch.full((b, 2), 0.5))
+    model.eval()
+    model(query, supports, masks)  # at test time model.fusion.mode (awf) applies
+    assert len(calls) == (2 if train_mode == "awf" else 1)
+
+
+def test_a_model_trained_with_awf_can_be_scored_with_plain_averaging(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.feature_cache=true")
+    Trainer(cfg, tmp_path, CPU, progress=False).fit()
+    mean = tiny_config(tmp_path, "model.fusion.mode=mean")
+    model, _ = load_trained_model(mean, str(tmp_path / "checkpoints" / "last.pt"), CPU)
+    assert model.cfg.fusion.mode == "mean"

@@ -1,0 +1,77 @@
+"""The experiment scripts: the table runner and the validation sweep, on the tiny synthetic setting."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_engine import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_table_runner_trains_once_per_fold_and_scores_every_shot_count(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    rows = ["dedn", "proto", "dedn, plain averaging instead of AWF"]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--shots", "1", "2"]
+    run_script("pascal_table.py", *args, "--rows", *rows, "--out", str(tmp_path), *sets)
+    records = json.loads((tmp_path / "table.json").read_text())
+    assert sorted((r["row"], r["shots"]) for r in records) == sorted((r, k) for r in rows for k in (1, 2))
+    # one trained model, scored 1- and 2-shot and with plain averaging; proto has no checkpoint
+    assert len(list((tmp_path / "models").iterdir())) == 1
+    trained = [r for r in records if r["row"] != "proto"]
+    assert len({r["checkpoint"] for r in trained}) == 1
+    assert all("checkpoint" not in r for r in records if r["row"] == "proto")
+    for r in records:
+        assert r["settings"]["shots"] == r["shots"] and r["settings"]["seeds"] == [0, 1]
+        assert 0.0 <= r["miou"]["mean"] <= 1.0
+    mean_row = next(r for r in records if r["row"] == rows[2] and r["shots"] == 1)
+    assert "model.fusion.mode=mean" in mean_row["overrides"]
+    # every row of a fold and shot count is scored on the same episode files
+    for shots in (1, 2):
+        files = {
+            tuple(
+                json.loads((tmp_path / "eval" / d / "results.json").read_text())["per_seed"][i][
+                    "episode_file"
+                ]
+                for i in range(2)
+            )
+            for d in [p.name for p in (tmp_path / "eval").iterdir() if p.name.endswith(f"-{shots}shot")]
+        }
+        assert len(files) == 1
+    table = (tmp_path / "table.md").read_text()
+    assert "### 2-shot" in table and "| proto |" in table and "Wall time" in table
+    # a second call repeats nothing: the results are only collected again
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
+    run_script("pascal_table.py", *args, "--rows", *rows, "--out", str(tmp_path), *sets)
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
+
+
+def test_validation_sweep_records_every_trial(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    config = str(REPO / "configs" / "synthetic.yaml")
+    out = run_script(
+        "val_sweep.py",
+        *("--config", config, "--param", "model.baseline.prior_threshold", "--values", "0.3", "0.6"),
+        *("--folds", "0", "--set", "model.method=prior", "--out", str(tmp_path / "prior"), *sets),
+    )
+    trials = json.loads((tmp_path / "prior" / "sweep.json").read_text())
+    assert [t["value"] for t in trials] == ["0.3", "0.6"]
+    assert all(0.0 <= t["val_miou"] <= 1.0 and t["best_step"] is None for t in trials)
+    assert trials[0]["val_miou"] != trials[1]["val_miou"]  # the threshold changes the prediction
+    assert "| 0.3 |" in out
+    run_script(
+        "val_sweep.py",
+        *("--config", config, "--param", "loss.distill.weight", "--values", "0.5"),
+        *("--folds", "0", "--out", str(tmp_path / "kd"), *sets),
+    )
+    (trial,) = json.loads((tmp_path / "kd" / "sweep.json").read_text())
+    assert trial["best_step"] in (3, 6) and trial["val_miou"] > 0
