@@ -145,3 +145,28 @@ def test_a_model_trained_with_awf_can_be_scored_with_plain_averaging(tmp_path):
     mean = tiny_config(tmp_path, "model.fusion.mode=mean")
     model, _ = load_trained_model(mean, str(tmp_path / "checkpoints" / "last.pt"), CPU)
     assert model.cfg.fusion.mode == "mean"
+
+
+def test_each_expert_of_a_fused_model_is_scored_too(tmp_path):
+    from dedn.engine.evaluate import run_evaluation
+
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.feature_cache=true", "eval.seeds=[0]")
+    Trainer(cfg, tmp_path, CPU, progress=False).fit()
+    model, _ = load_trained_model(cfg, str(tmp_path / "checkpoints" / "last.pt"), CPU)
+    forward = model.forward_features
+
+    def scenario_is_the_fused_output(*args):
+        out = forward(*args)
+        out["experts"]["scenario"] = out["logits"].clone()
+        return out
+
+    model.forward_features = scenario_is_the_fused_output
+    results = run_evaluation(cfg, model, CPU, tmp_path / "eval", progress=False)
+    experts = results["experts"]
+    assert set(experts) == {"object", "scenario"}
+    assert experts["scenario"]["miou"] == results["summary"]["miou"]  # scored exactly like the output
+    assert 0.0 <= experts["object"]["miou"]["mean"] <= 1.0
+    assert "object expert alone" in (tmp_path / "eval" / "results.md").read_text()
+    single = tiny_config(tmp_path, "model.method=proto", "eval.seeds=[0]")
+    proto = run_evaluation(single, FewShotSegmenter(single.model), CPU, tmp_path / "proto", progress=False)
+    assert proto["experts"] == {}

@@ -232,15 +232,15 @@ def cmd_index(args) -> int:
 
 
 def cmd_features(args) -> int:
-    import torch
-
     from dedn.engine.benchmark import build_benchmark
+    from dedn.engine.distributed import resolve_device
     from dedn.engine.features import build_feature_store
     from dedn.models.network import FewShotSegmenter
 
     cfg = _load(args)
+    device = resolve_device(cfg.device)
     bench = build_benchmark(cfg.data, progress=not args.quiet)
-    model = FewShotSegmenter(cfg.model).eval()
+    model = FewShotSegmenter(cfg.model).to(device).eval()
     root = None if cfg.feature_store in (None, "auto") else cfg.feature_store
     sources = (
         [bench.train_source]
@@ -252,9 +252,7 @@ def cmd_features(args) -> int:
     )
     for source in sources:
         start = time.perf_counter()
-        store = build_feature_store(
-            model, source, cfg.data.image_size, torch.device("cpu"), root, progress=not args.quiet
-        )
+        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress=not args.quiet)
         print(f"{source.name}: {len(store)} images in {store.folder} ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -76,6 +76,13 @@ class EpisodeRunner:
             masks.append(mask)
         return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
 
+    def prediction(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(1, 2, S, S) network logits -> (H, W) {0, 1} at the original label size ``hw``."""
+        restored = restore_logits(logits, self.transform.scaled_hw(hw), hw)
+        # foreground where its logit is larger: argmax over two channels, without the slow strided
+        # reduction (ties go to background, as with argmax)
+        return (restored[0, 1] > restored[0, 0]).long()
+
     @torch.no_grad()
     def run(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> prediction (H, W), target (H, W) at the query's original label size, model outputs."""
@@ -85,12 +92,7 @@ class EpisodeRunner:
         qf = {k: v.unsqueeze(0) for k, v in q.items()}
         sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
         out = self.model.forward_features(qf, sf, self.support_masks(episode), (self.size, self.size))
-        hw = label.shape[:2]
-        scaled = self.transform.scaled_hw(hw)
-        logits = restore_logits(out["logits"], scaled, hw)
-        # foreground where its logit is larger: argmax over two channels, without the slow strided
-        # reduction (ties go to background, as with argmax)
-        prediction = (logits[0, 1] > logits[0, 0]).long()
+        prediction = self.prediction(out["logits"], label.shape[:2])
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
             self.device
         )
@@ -109,8 +111,12 @@ def evaluate_episodes(
     progress: bool = True,
     desc: str = "eval",
     on_episode: Callable[[int, EpisodeResult], None] | None = None,
+    expert_metrics: dict[str, FewShotIoU] | None = None,
 ) -> FewShotIoU:
-    """Score ``episodes`` (this process's share of them) and return the metric, summed over processes."""
+    """Score ``episodes`` (this process's share of them) and return the metric, summed over processes.
+
+    With ``expert_metrics`` (a dict), each expert of a fused model is also scored on its own, from the
+    same forward pass: ``expert_metrics[name]`` is filled with its metric."""
     dist_info = dist_info or DistInfo()
     runner = EpisodeRunner(model, source, size, device, cache)
     metric = FewShotIoU(classes)
@@ -119,9 +125,18 @@ def evaluate_episodes(
     for i in tqdm(mine, desc=desc, disable=not (progress and dist_info.is_main), leave=False):
         prediction, target, out = runner.run(episodes[i])
         metric.update(prediction, target, episodes[i].class_id)
+        if expert_metrics is not None and len(out.get("experts", {})) > 1:
+            for name, logits in out["experts"].items():
+                expert = expert_metrics.setdefault(name, FewShotIoU(classes))
+                if out["empty_support"].item():  # the fused output's rule applies to every expert
+                    expert.update(prediction, target, episodes[i].class_id)
+                else:
+                    expert.update(runner.prediction(logits, target.shape), target, episodes[i].class_id)
         if on_episode is not None:
             on_episode(i, EpisodeResult(episodes[i], prediction, out))
     metric.all_reduce()
+    for expert in (expert_metrics or {}).values():
+        expert.all_reduce()
     return metric
 
 
@@ -179,6 +194,7 @@ def run_evaluation(
         path = episode_file(cfg, bench, seed, cfg.eval.episodes, output_dir)
         episodes = load_or_make_episodes(cfg, bench, seed, path, dist_info)
         hook = (lambda i, r, seed=seed: on_episode(seed, i, r)) if on_episode else None
+        experts: dict[str, FewShotIoU] = {}
         metric = evaluate_episodes(
             model,
             bench.test_source,
@@ -191,9 +207,12 @@ def run_evaluation(
             progress,
             desc=f"eval seed {seed}",
             on_episode=hook,
+            expert_metrics=experts,
         )
         result = metric.compute()
         result["seed"] = seed
+        if experts:
+            result["experts"] = {name: m.compute() for name, m in experts.items()}
         result["episode_file"] = str(path)
         per_seed.append(result)
     elapsed = time.perf_counter() - start
@@ -219,6 +238,12 @@ def run_evaluation(
             "world_size": dist_info.world_size,
         },
         "summary": summary,
+        # each expert of a fused model scored on its own (same episodes, same forward pass)
+        "experts": {
+            name: aggregate_seeds([r["experts"][name] for r in per_seed]) for name in per_seed[0]["experts"]
+        }
+        if "experts" in per_seed[0]
+        else {},
         "per_seed": per_seed,
         "seconds": round(elapsed, 2),
         "config": to_dict(cfg),
@@ -246,6 +271,11 @@ def results_markdown(results: dict) -> str:
         "|---|---|---|",
         f"| mIoU | {_pct(summary['miou']['mean'])} | {_pct(summary['miou']['std'])} |",
         f"| FB-IoU | {_pct(summary['fbiou']['mean'])} | {_pct(summary['fbiou']['std'])} |",
+    ]
+    for name, expert in results.get("experts", {}).items():
+        miou = expert["miou"]
+        lines.append(f"| mIoU of the {name} expert alone | {_pct(miou['mean'])} | {_pct(miou['std'])} |")
+    lines += [
         "",
         "| class | IoU (mean over seeds) |",
         "|---|---|",
