@@ -9,6 +9,8 @@ to ``<out>/sweep.json`` and ``<out>/sweep.md`` with its wall time.
         --set model.method=prior
     python scripts/val_sweep.py --param loss.distill.weight --values 0.5 1 2 --folds 0 \\
         --set model.method=dedn --set train.steps=400
+    python scripts/val_sweep.py --param model.fusion.temperature --values 0.02 0.1 \\
+        --checkpoint "runs/pascal-table/models/method=dedn-fold{fold}/checkpoints/best.pt"
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dedn.cli import load_trained_model
 from dedn.config import load_config
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.evaluate import evaluate_episodes
@@ -30,37 +33,31 @@ from dedn.models.network import FewShotSegmenter
 REPO = Path(__file__).resolve().parents[1]
 
 
-def trial(config: str, overrides: list[str], out: Path) -> dict:
+def trial(config: str, overrides: list[str], out: Path, checkpoint: str | None = None) -> dict:
     cfg = load_config(config, overrides)
     cpu = torch.device("cpu")
     start = time.perf_counter()
-    if cfg.model.method in ("proto", "prior"):
+    if cfg.model.method in ("proto", "prior") or checkpoint:
         bench = build_benchmark(cfg.data)
-        model = FewShotSegmenter(cfg.model).eval()
+        model = load_trained_model(cfg, checkpoint, cpu)[0] if checkpoint else FewShotSegmenter(cfg.model)
+        model.eval()
         store = open_feature_store(cfg, model, bench.train_source, cpu, progress=False)
         episodes = validation_episodes(cfg, bench)
+        experts: dict = {}
         metric = evaluate_episodes(
-            model,
-            bench.train_source,
-            episodes,
-            bench.split.base,
-            cfg.data.image_size,
-            cpu,
-            store,
+            *(model, bench.train_source, episodes, bench.split.base, cfg.data.image_size, cpu, store),
             progress=False,
+            expert_metrics=experts,
         )
-        result = metric.compute()
-        miou, step = result["miou"], None
+        miou, step = metric.compute()["miou"], None
+        extra = {f"val_miou_{name}": m.compute()["miou"] for name, m in experts.items()}
     else:
         trainer = Trainer(cfg, out, cpu, progress=False)
         best = trainer.fit()["best"]
         miou, step = best["miou"], best["step"]
-    return {
-        "overrides": overrides,
-        "val_miou": miou,
-        "best_step": step,
-        "seconds": time.perf_counter() - start,
-    }
+        extra = {}
+    seconds = time.perf_counter() - start
+    return {"overrides": overrides, "val_miou": miou, "best_step": step, **extra, "seconds": seconds}
 
 
 def main() -> None:
@@ -73,6 +70,11 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--set", dest="extra", action="append", default=[], help="fixed override")
     parser.add_argument("--out", default=None, help="default: runs/val-sweep/<param>")
+    parser.add_argument(
+        "--checkpoint",
+        help="score this trained model ('{fold}' is replaced by the fold) instead of training one: "
+        "for test-time settings such as model.fusion.temperature",
+    )
     args = parser.parse_args()
     out = Path(args.out or REPO / "runs" / "val-sweep" / args.param)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,13 +86,13 @@ def main() -> None:
             overrides = [*args.extra, f"data.fold={fold}", f"{args.param}={value}"]
             if json.dumps(overrides) in done:
                 continue
-            t = trial(args.config, overrides, out / f"fold{fold}-{value}")
+            checkpoint = args.checkpoint.replace("{fold}", str(fold)) if args.checkpoint else None
+            t = trial(args.config, overrides, out / f"fold{fold}-{value}", checkpoint)
             t.update({"fold": fold, "value": value})
             trials.append(t)
             results_file.write_text(json.dumps(trials, indent=2))
-            print(
-                f"fold {fold} {args.param}={value}: val mIoU {100 * t['val_miou']:.1f} ({t['seconds']:.0f} s)"
-            )
+            experts = "".join(f", {k[9:]} {100 * v:.1f}" for k, v in t.items() if k.startswith("val_miou_"))
+            print(f"fold {fold} {args.param}={value}: val mIoU {100 * t['val_miou']:.1f}{experts}")
     lines = [
         f"# validation sweep of {args.param} ({' '.join(args.extra)})",
         "",
