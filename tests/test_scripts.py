@@ -75,3 +75,23 @@ def test_validation_sweep_records_every_trial(tmp_path):
     )
     (trial,) = json.loads((tmp_path / "kd" / "sweep.json").read_text())
     assert trial["best_step"] in (3, 6) and trial["val_miou"] > 0
+
+
+def test_validation_sweep_scores_a_trained_model_under_test_time_settings(tmp_path):
+    from dedn.cli import main
+
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert main(["train", "--quiet", "--output", str(tmp_path / "model"), *sets]) == 0
+    run_script(
+        "val_sweep.py",
+        *("--config", str(REPO / "configs" / "synthetic.yaml"), "--param", "model.fusion.mode"),
+        *("--values", "awf", "mean", "--folds", "0", "--out", str(tmp_path / "fusion"), *sets),
+        *("--checkpoint", str(tmp_path / "model" / "checkpoints" / "best.pt")),
+    )
+    trials = json.loads((tmp_path / "fusion" / "sweep.json").read_text())
+    assert [t["value"] for t in trials] == ["awf", "mean"]
+    for t in trials:
+        assert t["best_step"] is None  # scored, not trained
+        assert {"val_miou_object", "val_miou_scenario"} <= set(t)
+    # the experts do not depend on the fusion; the fused output may
+    assert trials[0]["val_miou_object"] == trials[1]["val_miou_object"]
