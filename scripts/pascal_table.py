@@ -176,6 +176,8 @@ def table(records: list[dict]) -> str:
                 )
                 if r is None:
                     cells.append("-")
+                elif ROWS[row].test and ROWS[row].train is not None:
+                    cells.append(f"eval {r['eval_seconds']:.0f} (the model of another row)")
                 elif r.get("train_seconds") is not None:
                     cells.append(f"train {r['train_seconds']:.0f}, eval {r['eval_seconds']:.0f}")
                 else:
