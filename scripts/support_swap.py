@@ -34,14 +34,10 @@ class SwappedRunner(EpisodeRunner):
         label = self.label(episode.query)
         q = self._features(episode.query)
         s = [self._features(sid) for sid in donor.supports]
-        masks = [
-            self.transform(None, binarize(self.label(sid), donor.class_id, self.ignore))[1]
-            for sid in donor.supports
-        ]
         out = self.model.forward_features(
             {k: v.unsqueeze(0) for k, v in q.items()},
             {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q},
-            torch.stack(masks).unsqueeze(0),
+            self.support_masks(donor),
             (self.size, self.size),
         )
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64))
