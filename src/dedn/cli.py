@@ -242,14 +242,9 @@ def cmd_features(args) -> int:
     bench = build_benchmark(cfg.data, progress=not args.quiet)
     model = FewShotSegmenter(cfg.model).to(device).eval()
     root = None if cfg.feature_store in (None, "auto") else cfg.feature_store
-    sources = (
-        [bench.train_source]
-        if bench.train_source is bench.test_source
-        else [
-            bench.train_source,
-            bench.test_source,
-        ]
-    )
+    sources = [bench.train_source]
+    if bench.test_source is not bench.train_source:  # the standard protocol: two splits
+        sources.append(bench.test_source)
     for source in sources:
         start = time.perf_counter()
         store = build_feature_store(model, source, cfg.data.image_size, device, root, progress=not args.quiet)

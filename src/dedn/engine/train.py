@@ -280,17 +280,11 @@ class Trainer:
         net = self.ddp or self.model
         side = self.cfg.train.loss_size or self.cfg.data.image_size
         size = (side, side)
-        if isinstance(batch["query"], dict):
-            features = batch["query"], batch["supports"]
-        else:
-            b, k = batch["supports"].shape[:2]
-            q = self.model.encode(batch["query"])
-            s = self.model.encode(batch["supports"].flatten(0, 1))
-            features = q, {name: t.view(b, k, *t.shape[1:]) for name, t in s.items()}
         mask = batch["query_mask"]
         if tuple(mask.shape[-2:]) != size:
             batch["query_mask"] = F.interpolate(mask[:, None].float(), size, mode="nearest")[:, 0].long()
-        return net(*features, batch["support_masks"], out_size=size)
+        # images or stored features: the model takes either
+        return net(batch["query"], batch["supports"], batch["support_masks"], out_size=size)
 
     def validate(self) -> dict | None:
         if not self.val_episodes:

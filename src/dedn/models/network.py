@@ -93,7 +93,8 @@ class FewShotSegmenter(nn.Module):
         self, query, supports, support_masks: Tensor, out_size: tuple[int, int] | None = None
     ) -> dict:
         """Images (query (B, 3, H, W), supports (B, K, 3, H, W)) or, when ``query`` is a dict, their
-        precomputed features (then ``out_size`` is the input size)."""
+        precomputed features. ``out_size``: the size of the returned logits (required for features; for
+        images, default the input size)."""
         if isinstance(query, dict):
             if out_size is None:
                 raise ValueError("out_size is required when the model is given features")
@@ -102,7 +103,7 @@ class FewShotSegmenter(nn.Module):
         q = self.encode(query)
         s = self.encode(supports.flatten(0, 1))
         s = {name: t.view(b, k, *t.shape[1:]) for name, t in s.items()}
-        return self.forward_features(q, s, support_masks, tuple(query.shape[-2:]))
+        return self.forward_features(q, s, support_masks, out_size or tuple(query.shape[-2:]))
 
     # ------------------------------------------------------------------ heads
     def forward_features(
