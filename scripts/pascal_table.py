@@ -53,6 +53,12 @@ ABLATIONS = {
     # test-time: the DEDN model of the fold, fused by plain averaging
     "dedn, plain averaging instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=mean"]),
     "dedn, PKL foreground-only": Row(["model.method=dedn", "loss.distill.mode=foreground"]),
+    # the earlier design: both heads also see the query's own features (PFENet's layout)
+    "dedn, heads also see the query features": Row(["model.method=dedn", "model.head_inputs=features"]),
+    "object, head also sees the query features": Row(["model.method=object", "model.head_inputs=features"]),
+    "scenario, head also sees the query features": Row(
+        ["model.method=scenario", "model.head_inputs=features"]
+    ),
 }
 ROWS = {**METHODS, **ABLATIONS}
 

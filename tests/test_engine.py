@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dedn.cli import load_trained_model, main
-from dedn.config import load_config
+from dedn.config import load_config, to_dict
 from dedn.data.episodes import sample_test_episodes
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.checkpoint import load_checkpoint, save_checkpoint, trainable_state
@@ -19,6 +19,7 @@ from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache
 from dedn.engine.train import Trainer
 from dedn.errors import CheckpointError, ConfigError
+from dedn.models.network import FewShotSegmenter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,6 +192,8 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     assert "model.chanels" in err and "c.yaml" in err
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="train.negative_episodes = 1.0"):
+        load_config(None, ["train.negative_episodes=1.0"])
 
 
 def _torchrun(args, tmp_path):
@@ -259,3 +262,17 @@ def test_two_process_training_and_sharded_evaluation(tmp_path):
         assert (
             a["class_iou"] == b["class_iou"] and a["fbiou"] == b["fbiou"] and a["episodes"] == b["episodes"]
         )
+
+
+def test_checkpoint_from_before_head_inputs_loads_as_the_features_layout(tmp_path):
+    """Checkpoints saved before model.head_inputs existed have the query-features head layout."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, "model.head_inputs=features")
+    model = FewShotSegmenter(cfg.model)
+    state = {"model": trainable_state(model), "config": to_dict(cfg)}
+    del state["config"]["model"]["head_inputs"]
+    save_checkpoint(tmp_path / "old.pt", state)
+    loaded, _ = load_trained_model(cfg, str(tmp_path / "old.pt"), torch.device("cpu"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in trainable_state(model).items())
+    with pytest.raises(CheckpointError, match="head_inputs: checkpoint 'features', config 'relations'"):
+        load_trained_model(tiny_config(tmp_path), str(tmp_path / "old.pt"), torch.device("cpu"))

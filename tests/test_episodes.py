@@ -149,6 +149,24 @@ def test_train_episodes_are_pure_functions_of_seed_and_index():
         sample_train_episode(by_class, 4, np.random.default_rng(0))
 
 
+def test_negative_train_episodes_show_a_class_absent_from_the_query():
+    # im00 holds classes 1 and 2; a negative episode for it may only take class 3's images as supports
+    by_class = {1: ["im00", "im03", "im06"], 2: ["im00", "im04", "im07"], 3: ["im02", "im05", "im08"]}
+    plain = [train_episode(by_class, 1, seed=3, index=i) for i in range(200)]
+    assert plain == [train_episode(by_class, 1, seed=3, index=i, negative=0.0) for i in range(200)]
+    mixed = [train_episode(by_class, 2, seed=3, index=i, negative=0.5) for i in range(200)]
+    negatives = [e for e in mixed if e.query not in by_class[e.class_id]]
+    assert 60 <= len(negatives) <= 140  # about half of 200
+    for e in negatives:
+        assert all(s in by_class[e.class_id] for s in e.supports) and len(set(e.supports)) == 2
+        assert not any(e.query in ims for c, ims in by_class.items() if c == e.class_id)
+    assert all(e.class_id == 3 for e in negatives if e.query == "im00")
+    for e in mixed:
+        if e not in negatives:  # positives are unchanged in kind: supports of the query's own class
+            assert e.query in by_class[e.class_id] and e.query not in e.supports
+    assert mixed == [train_episode(by_class, 2, seed=3, index=i, negative=0.5) for i in range(200)]
+
+
 # ---------------------------------------------------------------------------------------------- files
 def test_episode_files_are_byte_identical_and_round_trip(tmp_path):
     pairs = _pairs()

@@ -170,3 +170,33 @@ def test_each_expert_of_a_fused_model_is_scored_too(tmp_path):
     single = tiny_config(tmp_path, "model.method=proto", "eval.seeds=[0]")
     proto = run_evaluation(single, FewShotSegmenter(single.model), CPU, tmp_path / "proto", progress=False)
     assert proto["experts"] == {}
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_negative_episodes_reach_training_with_background_targets(tmp_path, feature_cache):
+    """train.negative_episodes: a share of the batches' queries get an all-background target (their
+    supports show a class absent from the query); with 0 every query shows its episode's class."""
+    empty_share = {}
+    for p in (0.0, 0.5):
+        cfg = tiny_config(
+            tmp_path / str(p),
+            "train.steps=4",
+            "train.batch_size=6",
+            f"train.feature_cache={str(feature_cache).lower()}",
+            f"train.negative_episodes={p}",
+            "train.val_episodes=0",
+        )
+        trainer = Trainer(cfg, tmp_path / str(p), CPU, progress=False)
+        empty = []
+        original = trainer._forward
+
+        def spy(batch, original=original, empty=empty):
+            empty.extend(((batch["query_mask"] == 1).flatten(1).sum(1) == 0).tolist())
+            return original(batch)
+
+        trainer._forward = spy
+        trainer.fit()
+        assert len(empty) == 24
+        empty_share[p] = sum(empty) / len(empty)
+    assert empty_share[0.0] == 0.0
+    assert 0.2 <= empty_share[0.5] <= 0.8

@@ -49,6 +49,8 @@ ABLATIONS = {
     "gram": {"scenario__gram_difference": True},
     "fusion_mean": {"fusion__mode": "mean"},
     "no_confidence": {"fusion__confidence": False},
+    "query_features": {"head_inputs": "features"},
+    "query_features_gram": {"head_inputs": "features", "scenario__gram_difference": True},
 }
 
 
@@ -293,3 +295,39 @@ def test_cosine_prior_equals_the_best_match_over_all_foreground_cells():
             best = (qn.T @ sn).max(dim=1).values
             expected[i, 0] += ((best - best.min()) / (best.max() - best.min() + 1e-6)).view(h, w)
     torch.testing.assert_close(prior, expected / k, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_inputs", ["relations", "features"])
+def test_relation_heads_see_only_query_support_relations(head_inputs):
+    """head_inputs=relations: each head's first layer gets group-wise prototype similarities (2 per
+    group), prior and guidance, or per-head evidence maps (2 per head); nothing else."""
+    cfg = with_changes(ModelConfig(channels=16, head_inputs=head_inputs), object__groups=4, scenario__heads=2)
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    widths = {}
+    for name, expert in model.experts.items():
+        merge = expert.merge[0][0]
+        merge.register_forward_hook(lambda m, args, out, name=name: widths.update({name: args[0].shape[1]}))
+    query, supports, masks, _ = episode()
+    with torch.no_grad():
+        out = model(query, supports, masks)
+        # the same query with a support mask on another region gives another answer from both experts
+        moved = torch.zeros_like(masks)
+        moved[..., -12:, -12:] = 1
+        other = model(query, supports, moved)
+    if head_inputs == "relations":
+        assert widths == {"object": 2 * 4 + 2, "scenario": 2 * 2}
+    else:
+        assert widths == {"object": 2 * 16 + 3, "scenario": 2 * 16 + 2}
+    for name in ("object", "scenario"):
+        assert not torch.allclose(out["experts"][name], other["experts"][name])
+
+
+def test_relation_layout_needs_divisible_groups_and_heads():
+    from dedn.config import load_config
+    from dedn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.object.groups = 3"):
+        load_config(None, ["model.channels=16", "model.object.groups=3"])
+    with pytest.raises(ConfigError, match="model.scenario.heads = 5"):
+        load_config(None, ["model.scenario.heads=5"])
+    load_config(None, ["model.channels=16", "model.object.groups=3", "model.head_inputs=features"])

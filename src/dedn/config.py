@@ -69,6 +69,9 @@ class ObjectExpertConfig:
     use_prior: bool = True
     ocg: OCGConfig = field(default_factory=OCGConfig)
     aspp_rates: list[int] = field(default_factory=lambda: [1, 2, 4])
+    #: head_inputs=relations: the embedding is split into this many channel groups, each compared with
+    #: the support's foreground and background prototypes by cosine similarity
+    groups: int = 8
 
 
 @dataclass
@@ -80,6 +83,8 @@ class ScenarioExpertConfig:
     #: add BAM's Gram-matrix scene difference as an input channel
     gram_difference: bool = False
     attention_dim: int = 64
+    #: head_inputs=relations: attention heads, each giving its own foreground/background evidence map
+    heads: int = 4
     temperature: float = 0.1
 
 
@@ -116,6 +121,11 @@ class ModelConfig:
     high_levels: list[str] | None = None
     channels: int = 128
     dropout: float = 0.1
+    #: what each expert's head sees of the query: relations (only maps that compare the query with the
+    #: support: group-wise prototype similarities, prior, guidance, attention evidence) | features (also
+    #: the query's own features, as PFENet does; on small training sets the head then learns to segment
+    #: the base classes' salient objects and ignores the support, see docs/results.md)
+    head_inputs: str = "relations"
     object: ObjectExpertConfig = field(default_factory=ObjectExpertConfig)
     scenario: ScenarioExpertConfig = field(default_factory=ScenarioExpertConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -172,6 +182,9 @@ class TrainConfig:
     #: side of the square on which the training loss is computed (logits upsampled, labels subsampled);
     #: null = data.image_size. Cheaper on a CPU; evaluation is always scored at the original label size.
     loss_size: int | None = None
+    #: share of training episodes whose supports show a class absent from the query (target: background),
+    #: so that segmenting the query's salient object without reading the support is penalised
+    negative_episodes: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     log_every: int = 20
     val_every: int = 250
@@ -213,6 +226,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),
+    "model.head_inputs": ("relations", "features"),
     "model.scenario.normalization": ("instance", "adain", "none"),
     "model.fusion.mode": ("awf", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
@@ -305,6 +319,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.image_size = {cfg.data.image_size}; expected at least 32")
     if cfg.model.method == "dedn" and not (cfg.model.object.enabled and cfg.model.scenario.enabled):
         raise ConfigError("model.method = dedn needs both experts; use method object or scenario for one")
+    m = cfg.model
+    if m.head_inputs == "relations":
+        if m.object.groups < 1 or m.channels % m.object.groups:
+            raise ConfigError(
+                f"model.object.groups = {m.object.groups}; expected a divisor of "
+                f"model.channels ({m.channels})"
+            )
+        if m.scenario.heads < 1 or m.scenario.attention_dim % m.scenario.heads:
+            raise ConfigError(
+                f"model.scenario.heads = {m.scenario.heads}; expected a divisor of "
+                f"model.scenario.attention_dim ({m.scenario.attention_dim})"
+            )
+    if not 0.0 <= cfg.train.negative_episodes < 1.0:
+        raise ConfigError(f"train.negative_episodes = {cfg.train.negative_episodes}; expected 0 <= p < 1")
     return cfg
 
 

@@ -102,11 +102,17 @@ def sample_test_episodes(
 
 
 def sample_train_episode(
-    pairs_by_class: Mapping[int, Sequence[str]], shots: int, rng: np.random.Generator
+    pairs_by_class: Mapping[int, Sequence[str]],
+    shots: int,
+    rng: np.random.Generator,
+    negative: float = 0.0,
 ) -> Episode:
     """One training episode: a query pair uniformly over all pairs, then ``shots`` other images of its class.
 
-    Classes with at most ``shots`` images cannot form an episode and are left out of the draw.
+    Classes with at most ``shots`` images cannot form an episode and are left out of the draw. With
+    probability ``negative`` the episode is instead a *negative* one: the supports show a class that the
+    query image has no pair of, so the target is (nearly) all background and the episode can only be
+    solved by looking at the supports. ``negative=0`` draws exactly the same episodes as before it existed.
     """
     if shots < 1:
         raise DataError(f"shots={shots}; expected shots >= 1")
@@ -122,7 +128,13 @@ def sample_train_episode(
     which = int(np.searchsorted(np.cumsum(sizes), k, side="right"))
     class_id, images = usable[which]
     position = k - int(sizes[:which].sum())
-    return Episode(images[position], class_id, _choose_others(images, position, shots, rng))
+    query = images[position]
+    if negative > 0 and rng.random() < negative:
+        absent = [(c, ims) for c, ims in usable if query not in ims]
+        if absent:
+            other_class, others = absent[int(rng.integers(len(absent)))]
+            return Episode(query, other_class, _choose_others(others, -1, shots, rng))
+    return Episode(query, class_id, _choose_others(images, position, shots, rng))
 
 
 def _train_rng(seed: int, index: int) -> np.random.Generator:
@@ -131,10 +143,14 @@ def _train_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def train_episode(
-    split_pairs_by_class: Mapping[int, Sequence[str]], shots: int, seed: int, index: int
+    split_pairs_by_class: Mapping[int, Sequence[str]],
+    shots: int,
+    seed: int,
+    index: int,
+    negative: float = 0.0,
 ) -> Episode:
     """Training episode number ``index``: a pure function of ``(seed, index)`` and the pairs."""
-    return sample_train_episode(split_pairs_by_class, shots, _train_rng(seed, index))
+    return sample_train_episode(split_pairs_by_class, shots, _train_rng(seed, index), negative)
 
 
 def episode_meta(
@@ -305,6 +321,7 @@ class TrainEpisodeDataset(Dataset):
         seed: int,
         length: int,
         transform: TrainTransformFn,
+        negative: float = 0.0,
     ):
         if length < 1:
             raise DataError(f"length={length}; expected at least 1 episode per epoch")
@@ -314,6 +331,7 @@ class TrainEpisodeDataset(Dataset):
         self.seed = seed
         self.length = length
         self.transform = transform
+        self.negative = negative
         self.epoch = 0
         self._ignore = ignore_value(source)
         train_episode(self.pairs_by_class, shots, seed, 0)  # fail now, not inside a worker
@@ -327,7 +345,7 @@ class TrainEpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         number = self.epoch * self.length + index
         rng = _train_rng(self.seed, number)
-        episode = sample_train_episode(self.pairs_by_class, self.shots, rng)
+        episode = sample_train_episode(self.pairs_by_class, self.shots, rng, self.negative)
         images, masks = [], []
         for image_id in (episode.query, *episode.supports):
             image, label = self.source.load_pair(image_id)

@@ -55,9 +55,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+#: model settings added after checkpoints existed, with the value that reproduces the older models
+_LEGACY_MODEL_DEFAULTS = {"head_inputs": "features"}
+
+
 def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+    saved = state["config"]
+    model = saved.get("model")
+    if isinstance(model, dict):
+        saved = {**saved, "model": {**_LEGACY_MODEL_DEFAULTS, **model}}
     try:
-        return config_from_dict(state["config"])
+        return config_from_dict(saved)
     except ConfigError as e:
         raise CheckpointError(
             f"{path}: its saved config is not valid for this version of dedn ({e})"

@@ -79,8 +79,10 @@ class FeatureEpisodes:
         device: torch.device,
         progress: bool,
         store: FeatureStore | None = None,
+        negative: float = 0.0,
     ):
         self.by_class, self.shots, self.flip, self.seed, self.size = by_class, shots, flip, seed, size
+        self.negative = negative
         transform = TestTransform(size)
         ids = sorted({i for pairs in by_class.values() for i in pairs})
         self.store = store
@@ -114,7 +116,7 @@ class FeatureEpisodes:
     def batch(self, indices: list[int], device: torch.device) -> dict:
         q_feats, q_masks, s_feats, s_masks = [], [], [], []
         for index in indices:
-            ep = train_episode(self.by_class, self.shots, self.seed, index)
+            ep = train_episode(self.by_class, self.shots, self.seed, index, self.negative)
             flips = np.random.default_rng([self.seed, index, 7]).random(1 + self.shots) < self.flip
             f, m = self._item(ep.query, ep.class_id, bool(flips[0]))
             q_feats.append(f)
@@ -243,6 +245,7 @@ class Trainer:
                 self.device,
                 self.progress,
                 self.store,
+                cfg.train.negative_episodes,
             )
             for indices in sampler:
                 yield episodes.batch(indices, self.device)
@@ -257,6 +260,7 @@ class Trainer:
             cfg.train.seed,
             cfg.train.steps * cfg.train.batch_size,
             transform,
+            cfg.train.negative_episodes,
         )
         # a private generator: the loader must not draw from the global RNG (that would shift dropout)
         loader = DataLoader(

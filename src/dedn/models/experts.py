@@ -60,38 +60,67 @@ class Classifier(nn.Sequential):
         super().__init__(conv_relu(channels, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels, 2, 1))
 
 
+def shot_prototype(features: Tensor, fraction: Tensor) -> Tensor:
+    """Masked average over cells and shots, shots weighted by their area, so that an empty shot does not
+    pull the prototype towards zero: (B, K, C, h, w), (B, K, 1, h, w) -> (B, C)."""
+    b, k, c = features.shape[:3]
+    area = fraction.sum(dim=(3, 4))  # (B, K, 1)
+    per_shot = masked_average_pool(features.flatten(0, 1), fraction.flatten(0, 1)).view(b, k, c)
+    return (per_shot * area).sum(dim=1) / area.sum(dim=1).clamp_min(1e-6)
+
+
+def group_cosine(features: Tensor, prototype: Tensor, groups: int) -> Tensor:
+    """Cosine similarity per channel group: (B, C, h, w), (B, C) -> (B, G, h, w)."""
+    b, c, h, w = features.shape
+    x = F.normalize(features.view(b, groups, c // groups, h, w), dim=2)
+    p = F.normalize(prototype.view(b, groups, c // groups), dim=2)
+    return torch.einsum("bgchw,bgc->bghw", x, p)
+
+
 class ObjectExpert(nn.Module):
     """Object-level expert: "what is the target object".
 
-    Inputs to its head: the query embedding, the tiled support prototype, their cosine map, the PFENet
-    prior ``Y`` and the Object Continuity Guidance map ``G = norm(A^t Y)``.
+    Head inputs, ``head_inputs="relations"``: the query embedding's group-wise cosine similarity to the
+    support foreground and background prototypes, the PFENet prior ``Y`` and the Object Continuity
+    Guidance map ``G = norm(A^t Y)``; nothing that could be computed from the query alone.
+    ``head_inputs="features"``: the query embedding, the tiled foreground prototype, their cosine map,
+    ``Y`` and ``G`` (PFENet's layout).
     """
 
-    def __init__(self, channels: int, cfg: ObjectExpertConfig, dropout: float = 0.1):
+    def __init__(
+        self, channels: int, cfg: ObjectExpertConfig, dropout: float = 0.1, inputs: str = "relations"
+    ):
         super().__init__()
         self.cfg = cfg
+        self.inputs = inputs
         self.embed = conv_relu(channels, channels, 1)
-        extra = 1 + int(cfg.use_prior) + int(cfg.use_prior and cfg.ocg.enabled)
-        self.merge = nn.Sequential(conv_relu(2 * channels + extra, channels, 1), nn.Dropout2d(dropout))
+        maps = int(cfg.use_prior) + int(cfg.use_prior and cfg.ocg.enabled)
+        width = 2 * cfg.groups + maps if inputs == "relations" else 2 * channels + 1 + maps
+        self.merge = nn.Sequential(conv_relu(width, channels, 1), nn.Dropout2d(dropout))
         self.context = ContextPyramid(channels, cfg.aspp_rates)
         self.refine = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
         self.classifier = Classifier(channels, dropout)
 
     def forward(
-        self, fq: Tensor, fs: Tensor, support_fg: Tensor, query_high: Tensor, support_high: Tensor
+        self,
+        fq: Tensor,
+        fs: Tensor,
+        support_fg: Tensor,
+        support_bg: Tensor,
+        query_high: Tensor,
+        support_high: Tensor,
     ) -> dict[str, Tensor]:
         b, k, c, h, w = fs.shape
         eq = self.embed(fq)  # (B, C, h, w)
-        es = self.embed(fs.flatten(0, 1))  # (B*K, C, h, w)
-        fg = support_fg.flatten(0, 1)
-        # Prototype: masked average per shot, shots weighted by their foreground area so that an empty
-        # shot does not pull the prototype towards zero.
-        area = fg.sum(dim=(2, 3)).view(b, k, 1)  # (B, K, 1)
-        per_shot = masked_average_pool(es, fg).view(b, k, c)
-        prototype = (per_shot * area).sum(dim=1) / area.sum(dim=1).clamp_min(1e-6)  # (B, C)
-        proto_map = prototype[:, :, None, None].expand(-1, -1, h, w)
-        similarity = F.cosine_similarity(eq, proto_map, dim=1).unsqueeze(1)  # (B, 1, h, w)
-        inputs = [eq, proto_map, similarity]
+        es = self.embed(fs.flatten(0, 1)).view(b, k, c, h, w)
+        prototype = shot_prototype(es, support_fg)  # (B, C)
+        if self.inputs == "relations":
+            background = shot_prototype(es, support_bg)
+            groups = self.cfg.groups
+            inputs = [group_cosine(eq, prototype, groups), group_cosine(eq, background, groups)]
+        else:
+            proto_map = prototype[:, :, None, None].expand(-1, -1, h, w)
+            inputs = [eq, proto_map, F.cosine_similarity(eq, proto_map, dim=1).unsqueeze(1)]
         maps: dict[str, Tensor] = {}
         if self.cfg.use_prior:
             prior = cosine_prior(query_high, support_high, support_fg)
@@ -107,7 +136,7 @@ class ObjectExpert(nn.Module):
         return {
             "logits": self.classifier(x),
             "query_embedding": eq,
-            "support_embedding": es.view(b, k, c, h, w),
+            "support_embedding": es,
             "prototype": prototype,
             **maps,
         }
@@ -118,18 +147,26 @@ class ScenarioExpert(nn.Module):
 
     Scenario Normalization standardises each image by its own scene statistics; dense cross-attention
     from every query pixel to every support pixel (foreground and background) then gives foreground and
-    background evidence maps and an attended support context map.
+    background evidence maps: the share of a query pixel's attention that lands on support foreground and
+    on support background. ``head_inputs="relations"``: one pair of maps per attention head, and nothing
+    else. ``head_inputs="features"``: one head, plus the normalised query and the attended support context.
     """
 
-    def __init__(self, channels: int, cfg: ScenarioExpertConfig, dropout: float = 0.1):
+    def __init__(
+        self, channels: int, cfg: ScenarioExpertConfig, dropout: float = 0.1, inputs: str = "relations"
+    ):
         super().__init__()
         self.cfg = cfg
+        self.inputs = inputs
+        self.heads = cfg.heads if inputs == "relations" else 1
         d = cfg.attention_dim
         self.query_proj = nn.Conv2d(channels, d, 1)
         self.key_proj = nn.Conv2d(channels, d, 1)
-        self.value_proj = conv_relu(channels, channels, 1)
-        extra = 2 + int(cfg.gram_difference)
-        self.merge = nn.Sequential(conv_relu(2 * channels + extra, channels, 1), nn.Dropout2d(dropout))
+        width = 2 * self.heads + int(cfg.gram_difference)
+        if inputs == "features":
+            self.value_proj = conv_relu(channels, channels, 1)
+            width += 2 * channels
+        self.merge = nn.Sequential(conv_relu(width, channels, 1), nn.Dropout2d(dropout))
         self.refine = nn.Sequential(
             ResidualBlock(channels, 1), ResidualBlock(channels, 2), ResidualBlock(channels, 4)
         )
@@ -152,24 +189,26 @@ class ScenarioExpert(nn.Module):
 
     def forward(self, fq: Tensor, fs: Tensor, support_fg: Tensor, support_bg: Tensor) -> dict[str, Tensor]:
         b, k, c, h, w = fs.shape
+        n = self.heads
         qn, sn = self.normalize(fq, fs)
-        q = F.normalize(self.query_proj(qn).flatten(2), dim=1)  # (B, d, hw)
+        q = F.normalize(self.query_proj(qn).view(b, n, -1, h * w), dim=2)  # (B, H, d/H, hw)
         s_flat = sn.flatten(0, 1)
-        key = F.normalize(self.key_proj(s_flat), dim=1)  # (B*K, d, h, w)
-        key = key.view(b, k, -1, h * w).permute(0, 2, 1, 3).reshape(b, -1, k * h * w)  # (B, d, K*hw)
-        value = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 2, 1, 3).reshape(b, c, k * h * w)
-        fg = support_fg.reshape(b, k * h * w)
-        bg = support_bg.reshape(b, k * h * w)
-        logits = torch.einsum("bdq,bds->bqs", q, key) / self.cfg.temperature  # (B, hw, K*hw)
+        key = self.key_proj(s_flat).view(b, k, n, -1, h * w)
+        key = F.normalize(key, dim=3).permute(0, 2, 3, 1, 4).reshape(b, n, -1, k * h * w)  # (B, H, d/H, K*hw)
+        fg = support_fg.reshape(b, 1, k * h * w, 1)
+        bg = support_bg.reshape(b, 1, k * h * w, 1)
+        logits = torch.einsum("bndq,bnds->bnqs", q, key) / self.cfg.temperature  # (B, H, hw, K*hw)
         # cells that are mostly "ignore" carry no label: they are not attended to
-        labelled = (fg + bg) > 0.5
-        logits = logits.masked_fill(~labelled.unsqueeze(1), -1e4)
-        attention = logits.softmax(dim=2)
-        fg_evidence = torch.bmm(attention, fg.unsqueeze(2)).transpose(1, 2).reshape(b, 1, h, w)
-        bg_evidence = torch.bmm(attention, bg.unsqueeze(2)).transpose(1, 2).reshape(b, 1, h, w)
-        context = torch.bmm(value, attention.transpose(1, 2)).view(b, c, h, w)
-        inputs = [qn, context, fg_evidence, bg_evidence]
+        labelled = (fg + bg).transpose(2, 3) > 0.5  # (B, 1, 1, K*hw)
+        attention = logits.masked_fill(~labelled, -1e4).softmax(dim=3)
+        fg_evidence = torch.matmul(attention, fg).view(b, n, h, w)
+        bg_evidence = torch.matmul(attention, bg).view(b, n, h, w)
+        inputs = [fg_evidence, bg_evidence]
+        if self.inputs == "features":
+            value = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 2, 1, 3).reshape(b, c, k * h * w)
+            context = torch.bmm(value, attention[:, 0].transpose(1, 2)).view(b, c, h, w)
+            inputs = [qn, context, *inputs]
         if self.cfg.gram_difference:
             inputs.append(gram_difference(fq, fs).view(b, 1, 1, 1).expand(b, 1, h, w))
         x = self.refine(self.merge(torch.cat(inputs, dim=1)))
-        return {"logits": self.classifier(x), "evidence": fg_evidence}
+        return {"logits": self.classifier(x), "evidence": fg_evidence.mean(dim=1, keepdim=True)}

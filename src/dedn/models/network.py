@@ -64,9 +64,9 @@ class FewShotSegmenter(nn.Module):
         )
         self.experts = nn.ModuleDict()
         if self.method in ("dedn", "object"):
-            self.experts["object"] = ObjectExpert(c, cfg.object, cfg.dropout)
+            self.experts["object"] = ObjectExpert(c, cfg.object, cfg.dropout, cfg.head_inputs)
         if self.method in ("dedn", "scenario"):
-            self.experts["scenario"] = ScenarioExpert(c, cfg.scenario, cfg.dropout)
+            self.experts["scenario"] = ScenarioExpert(c, cfg.scenario, cfg.dropout, cfg.head_inputs)
         self.expert_names = list(self.experts)
 
     @property
@@ -165,7 +165,7 @@ class FewShotSegmenter(nn.Module):
         fs = fs.view(b, k, *fs.shape[1:])
         out: dict = {"experts": {}, "aux": {"support_fg": fg, "support_bg": bg}}
         if "object" in self.experts:
-            o = self.experts["object"](fq, fs, fg, query["high"], supports["high"])
+            o = self.experts["object"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["object"] = o["logits"]
             out["aux"].update({key: v for key, v in o.items() if key != "logits"})
         if "scenario" in self.experts:
