@@ -65,6 +65,20 @@ def test_voc_reads_palette_indices_and_rgb(tmp_path):
     assert label.dtype == np.uint8
 
 
+def test_voc_fingerprint_follows_the_files_not_where_they_are(tmp_path, monkeypatch):
+    import shutil
+
+    root = make_voc(tmp_path / "voc", voc_labels())
+    here = VOCSource(root, split="val").fingerprint()
+    copy = shutil.copytree(root, tmp_path / "elsewhere" / "voc")  # copy2: sizes and mtimes kept
+    assert VOCSource(copy, split="val").fingerprint() == here
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert VOCSource(Path("voc"), split="val").fingerprint() == here  # a relative root
+    label = copy / "SegmentationClassAug" / "2007_000001.png"
+    label.write_bytes(label.read_bytes() + b"\0")
+    assert VOCSource(copy, split="val").fingerprint() != here
+
+
 def test_voc_split_variants(tmp_path):
     root = make_voc(tmp_path / "voc", voc_labels())
     # no list: every label in the folder, sorted

@@ -89,9 +89,13 @@ class SegmentationSource(ABC):
 
 
 def files_fingerprint(paths: Sequence[Path], extra: str = "") -> str:
-    """Hash of paths, sizes and modification times: cheap, and changes when any file changes."""
+    """Hash of file names, sizes and modification times: cheap, and changes when any file changes.
+
+    Each file enters as ``<folder name>/<file name>``, not its full path, so the same data reached from
+    another checkout or through another relative path keeps its fingerprint (and its episode files and
+    feature store)."""
     h = hashlib.sha1(extra.encode())
     for p in paths:
         st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.parent.name}/{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
