@@ -331,3 +331,40 @@ def test_relation_layout_needs_divisible_groups_and_heads():
     with pytest.raises(ConfigError, match="model.scenario.heads = 5"):
         load_config(None, ["model.scenario.heads=5"])
     load_config(None, ["model.channels=16", "model.object.groups=3", "model.head_inputs=features"])
+
+
+@pytest.mark.parametrize("head_inputs", ["relations", "features"])
+def test_scenario_attention_matches_the_explicit_softmax_and_skips_ignored_cells(head_inputs):
+    """The fused attention equals softmax(q.k / T) over the labelled support cells, applied to the
+    support's fg/bg shares (and, for head_inputs=features, the projected support features)."""
+    from dedn.config import ScenarioExpertConfig
+    from dedn.models.experts import ScenarioExpert
+
+    torch.manual_seed(0)
+    b, k, c, h, w = 2, 2, 8, 5, 6
+    cfg = ScenarioExpertConfig(attention_dim=8, heads=2 if head_inputs == "relations" else 1)
+    expert = ScenarioExpert(c, cfg, inputs=head_inputs).eval()
+    fq, fs = torch.randn(b, c, h, w), torch.randn(b, k, c, h, w)
+    fg = (torch.rand(b, k, h, w) > 0.6).float()
+    bg = 1 - fg
+    fg[:, 0, 0], bg[:, 0, 0] = 0, 0  # an ignored row: no label, never attended to
+    seen = {}
+    expert.merge.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        expert(fq, fs, fg, bg)
+        n, cells = expert.heads, k * h * w
+        qn, sn = expert.normalize(fq, fs)
+        q = torch.nn.functional.normalize(expert.query_proj(qn).view(b, n, -1, h * w), dim=2)
+        key = expert.key_proj(sn.flatten(0, 1)).view(b, k, n, -1, h * w).permute(0, 2, 3, 1, 4)
+        key = torch.nn.functional.normalize(key.reshape(b, n, -1, cells), dim=2)
+        logits = torch.einsum("bndq,bnds->bnqs", q, key) / cfg.temperature
+        labelled = (fg + bg).view(b, 1, 1, cells) > 0.5
+        attention = logits.masked_fill(~labelled, float("-inf")).softmax(dim=3)
+        assert attention[..., ~labelled[0, 0, 0]].abs().max() == 0
+        expected = [attention @ fg.view(b, 1, cells, 1), attention @ bg.view(b, 1, cells, 1)]
+        expected = [e.view(b, n, h, w) for e in expected]
+        if head_inputs == "features":
+            value = expert.value_proj(sn.flatten(0, 1)).view(b, k, c, h * w).permute(0, 2, 1, 3)
+            context = (value.reshape(b, c, cells) @ attention[:, 0].transpose(1, 2)).view(b, c, h, w)
+            expected = [qn, context, *expected]
+    torch.testing.assert_close(seen["x"], torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)

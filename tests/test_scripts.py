@@ -95,3 +95,23 @@ def test_validation_sweep_scores_a_trained_model_under_test_time_settings(tmp_pa
         assert {"val_miou_object", "val_miou_scenario"} <= set(t)
     # the experts do not depend on the fusion; the fused output may
     assert trials[0]["val_miou_object"] == trials[1]["val_miou_object"]
+
+
+def test_train_step_benchmark_prints_a_time_per_method():
+    sets = [a for s in TINY for a in ("--set", s)]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_step.py"),
+            "--config",
+            str(REPO / "configs" / "synthetic.yaml"),
+        ]
+        + ["--methods", "dedn", "scenario", "--steps", "1", *sets],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| dedn", "| scenario"))]
+    assert [r[1].strip() for r in rows] == ["dedn", "scenario"]
+    assert all(float(r[2]) > 0 for r in rows) and "x 6 steps" in done.stdout

@@ -281,6 +281,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads off / on (and no / yes) as booleans: a choice such as loss.distill.mode=off
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

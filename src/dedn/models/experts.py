@@ -195,18 +195,29 @@ class ScenarioExpert(nn.Module):
         s_flat = sn.flatten(0, 1)
         key = self.key_proj(s_flat).view(b, k, n, -1, h * w)
         key = F.normalize(key, dim=3).permute(0, 2, 3, 1, 4).reshape(b, n, -1, k * h * w)  # (B, H, d/H, K*hw)
-        fg = support_fg.reshape(b, 1, k * h * w, 1)
-        bg = support_bg.reshape(b, 1, k * h * w, 1)
-        logits = torch.einsum("bndq,bnds->bnqs", q, key) / self.cfg.temperature  # (B, H, hw, K*hw)
+        cells = k * h * w
+        # the attended values: each support cell's foreground and background share (and, for
+        # head_inputs="features", its projected feature); fused attention never stores the (hw, K*hw) map
+        values = [support_fg.reshape(b, 1, cells, 1), support_bg.reshape(b, 1, cells, 1)]
+        if self.inputs == "features":
+            value = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 1, 3, 2).reshape(b, 1, cells, c)
+            values.append(value)
+        v = torch.cat(values, dim=3).expand(b, n, cells, -1)
         # cells that are mostly "ignore" carry no label: they are not attended to
-        labelled = (fg + bg).transpose(2, 3) > 0.5  # (B, 1, 1, K*hw)
-        attention = logits.masked_fill(~labelled, -1e4).softmax(dim=3)
-        fg_evidence = torch.matmul(attention, fg).view(b, n, h, w)
-        bg_evidence = torch.matmul(attention, bg).view(b, n, h, w)
+        labelled = (values[0] + values[1]).view(b, 1, 1, cells) > 0.5
+        bias = torch.zeros(labelled.shape, dtype=q.dtype, device=q.device).masked_fill(~labelled, -1e4)
+        # PyTorch's fused (flash) kernels need one width for queries, keys and values; zero padding
+        # changes neither the scores nor the values kept
+        width = max(q.shape[2], v.shape[3])
+        q, key = (F.pad(t.transpose(2, 3), (0, width - t.shape[2])).contiguous() for t in (q, key))
+        v = F.pad(v, (0, width - v.shape[3]))
+        out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias, scale=1.0 / self.cfg.temperature)
+        # out: (B, H, hw, 2 [+ C] [+ padding])
+        fg_evidence = out[..., 0].view(b, n, h, w)
+        bg_evidence = out[..., 1].view(b, n, h, w)
         inputs = [fg_evidence, bg_evidence]
         if self.inputs == "features":
-            value = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 2, 1, 3).reshape(b, c, k * h * w)
-            context = torch.bmm(value, attention[:, 0].transpose(1, 2)).view(b, c, h, w)
+            context = out[:, 0, :, 2 : 2 + c].transpose(1, 2).reshape(b, c, h, w)
             inputs = [qn, context, *inputs]
         if self.cfg.gram_difference:
             inputs.append(gram_difference(fq, fs).view(b, 1, 1, 1).expand(b, 1, h, w))
