@@ -52,6 +52,7 @@ ABLATIONS = {
     "dedn w/o positive-guided KL": Row(["model.method=dedn", "loss.distill.mode=off"]),
     # test-time: the DEDN model of the fold, fused by plain averaging
     "dedn, plain averaging instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=mean"]),
+    "dedn, learned fusion gate instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=gate"]),
     "dedn, PKL foreground-only": Row(["model.method=dedn", "loss.distill.mode=foreground"]),
     # the earlier design: both heads also see the query's own features (PFENet's layout)
     "dedn, heads also see the query features": Row(["model.method=dedn", "model.head_inputs=features"]),

@@ -163,10 +163,19 @@ def test_each_expert_of_a_fused_model_is_scored_too(tmp_path):
     model.forward_features = scenario_is_the_fused_output
     results = run_evaluation(cfg, model, CPU, tmp_path / "eval", progress=False)
     experts = results["experts"]
-    assert set(experts) == {"object", "scenario"}
+    assert set(experts) == {"object", "scenario", "fusion=mean", "fusion=gate"}
     assert experts["scenario"]["miou"] == results["summary"]["miou"]  # scored exactly like the output
     assert 0.0 <= experts["object"]["miou"]["mean"] <= 1.0
-    assert "object expert alone" in (tmp_path / "eval" / "results.md").read_text()
+    text = (tmp_path / "eval" / "results.md").read_text()
+    assert "object expert alone" in text and "scored with fusion=gate" in text
+    # the fusions scored from the AWF model's pass equal the model scored with that fusion
+    model.forward_features = forward
+    awf = run_evaluation(cfg, model, CPU, tmp_path / "awf", progress=False)["experts"]
+    for mode in ("mean", "gate"):
+        other = tiny_config(tmp_path, "train.steps=2", "eval.seeds=[0]", f"model.fusion.mode={mode}")
+        alone, _ = load_trained_model(other, str(tmp_path / "checkpoints" / "last.pt"), CPU)
+        scored = run_evaluation(other, alone, CPU, tmp_path / mode, progress=False)["summary"]
+        assert scored["miou"] == awf[f"fusion={mode}"]["miou"]
     single = tiny_config(tmp_path, "model.method=proto", "eval.seeds=[0]")
     proto = run_evaluation(single, FewShotSegmenter(single.model), CPU, tmp_path / "proto", progress=False)
     assert proto["experts"] == {}

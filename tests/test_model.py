@@ -322,6 +322,75 @@ def test_relation_heads_see_only_query_support_relations(head_inputs):
         assert not torch.allclose(out["experts"][name], other["experts"][name])
 
 
+def test_frozen_relations_are_per_level_prototype_similarities():
+    """model.object.frozen_relations adds, per frozen high level, the cosine similarity of the query to the
+    support's fg and bg prototypes: 2 maps per level, equal to the explicit computation."""
+    cfg = ModelConfig(channels=16, high_levels=["stage2", "stage3"])  # two levels of 48 and 64 channels
+    cfg = with_changes(cfg, object__groups=4, object__frozen_relations=True)
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    expert = model.experts["object"]
+    levels = expert.high_channels
+    assert levels == [48, 64]
+    widths = {}
+    expert.merge[0][0].register_forward_hook(lambda m, args, out: widths.update(w=args[0].shape[1]))
+    query, supports, masks, _ = episode()
+    with torch.no_grad():
+        model(query, supports, masks)
+        q = model.encode(query)["high"]
+        b, k = supports.shape[:2]
+        s = model.encode(supports.flatten(0, 1))["high"]
+        s = s.view(b, k, *s.shape[1:])
+        fg, bg = model._support_fractions(masks, q.shape[-2:])
+        maps = expert.frozen_similarities(q, s, fg, bg)
+    assert widths["w"] == 2 * 4 + 2 + 2 * len(levels)
+    assert maps.shape == (b, 2 * len(levels), *q.shape[-2:])
+    start = 0
+    for level, width in enumerate(levels):
+        for j, frac in enumerate((fg, bg)):
+            sl = slice(start, start + width)
+            area = frac.sum(dim=(3, 4))  # (B, K, 1)
+            pooled = (s[:, :, sl] * frac).sum(dim=(3, 4)) / frac.sum(dim=(3, 4)).clamp_min(1e-6)
+            proto = (pooled * area).sum(1) / area.sum(1).clamp_min(1e-6)
+            want = torch.nn.functional.cosine_similarity(q[:, sl], proto[:, :, None, None], dim=1)
+            torch.testing.assert_close(maps[:, j * len(levels) + level], want, rtol=1e-4, atol=1e-5)
+        start += width
+
+
+def test_scenario_frozen_evidence_is_normalised_attention_on_each_frozen_level():
+    """model.scenario.frozen_relations: per frozen high level, the share of a query cell's softmax attention
+    (cosine / T between scene-normalised features) on support fg and bg, as 2 extra head inputs."""
+    cfg = ModelConfig(channels=16, high_levels=["stage2", "stage3"])
+    cfg = with_changes(cfg, scenario__heads=2, scenario__frozen_relations=True)
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    expert = model.experts["scenario"]
+    widths = {}
+    expert.merge[0][0].register_forward_hook(lambda m, args, out: widths.update(w=args[0].shape[1]))
+    query, supports, masks, _ = episode(k=2)
+    masks[:, 0, :4] = 255  # ignored support cells are not attended to
+    with torch.no_grad():
+        model(query, supports, masks)
+        q = model.encode(query)["high"]
+        b, k = supports.shape[:2]
+        s = model.encode(supports.flatten(0, 1))["high"].view(b, k, -1, *q.shape[-2:])
+        fg, bg = model._support_fractions(masks, q.shape[-2:])
+        maps = expert.frozen_evidence(q, s, fg, bg)
+    assert widths["w"] == 2 * 2 + 2 * 2
+    labelled = (fg + bg).flatten(1) > 0.5  # (B, K*hw)
+    start = 0
+    for level, width in enumerate([48, 64]):
+        ql = scene_normalize(q[:, start : start + width])
+        sl = scene_normalize(s[:, :, start : start + width].flatten(0, 1)).view(b, k, width, *q.shape[-2:])
+        qv = torch.nn.functional.normalize(ql.flatten(2), dim=1)  # (B, c, hw)
+        sv = torch.nn.functional.normalize(sl.permute(0, 2, 1, 3, 4).flatten(2), dim=1)  # (B, c, K*hw)
+        logits = torch.einsum("bcq,bcs->bqs", qv, sv) / cfg.scenario.temperature
+        attn = logits.masked_fill(~labelled[:, None], float("-inf")).softmax(dim=2)
+        want_fg = (attn @ fg.flatten(1)[:, :, None]).view(b, *q.shape[-2:])
+        want_bg = (attn @ bg.flatten(1)[:, :, None]).view(b, *q.shape[-2:])
+        torch.testing.assert_close(maps[:, level], want_fg, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(maps[:, 2 + level], want_bg, rtol=1e-4, atol=1e-5)
+        start += width
+
+
 def test_relation_layout_needs_divisible_groups_and_heads():
     from dedn.config import load_config
     from dedn.errors import ConfigError
@@ -368,3 +437,54 @@ def test_scenario_attention_matches_the_explicit_softmax_and_skips_ignored_cells
             context = (value.reshape(b, c, cells) @ attention[:, 0].transpose(1, 2)).view(b, c, h, w)
             expected = [qn, context, *expected]
     torch.testing.assert_close(seen["x"], torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_gate_starts_as_plain_averaging_and_trains_only_itself():
+    """model.fusion.gate: at initialisation the gated fusion equals plain averaging; its cross-entropy
+    reaches the gate's parameters and nothing else; mode=gate scores the model with it."""
+    cfg = ModelConfig(channels=16)
+    model = FewShotSegmenter(cfg, ToyBackbone()).train()
+    query, supports, masks, target = episode()
+    out = model(query, supports, masks)
+    mean = torch.stack([out["experts"][e].softmax(dim=1) for e in model.expert_names]).mean(dim=0)
+    torch.testing.assert_close(out["gate_probability"], mean, rtol=1e-5, atol=1e-6)
+    terms = dedn_loss(out, target, LossConfig(), model.expert_names)
+    assert "ce_gate" in terms
+    terms["ce_gate"].backward()
+    touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(n.startswith("gate.") for n in touched)
+    eval_cfg = with_changes(cfg, fusion__mode="gate")
+    scored = FewShotSegmenter(eval_cfg, ToyBackbone())
+    scored.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        gated = scored.eval()(query, supports, masks)
+    torch.testing.assert_close(gated["probability"], gated["gate_probability"])
+    assert gated["fusion_weights"].shape == (2, 2)
+    untrained = FewShotSegmenter(with_changes(eval_cfg, fusion__gate=False), ToyBackbone()).eval()
+    with pytest.raises(ValueError, match="model.fusion.gate"):
+        untrained(query, supports, masks)
+
+
+def test_cycle_scores_judge_each_expert_by_its_own_query_prediction():
+    """fusion.mode=cycle: expert e's score is how well its query prediction, used as a support, finds the
+    support's object again; it depends on e's query prediction alone and is a soft IoU in [0, 1]."""
+    cfg = with_changes(ModelConfig(channels=16), fusion__mode="cycle")
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=2)
+    b, k = supports.shape[:2]
+    with torch.no_grad():
+        q = model.encode(query)
+        s = model.encode(supports.flatten(0, 1))
+        s = {n: t.view(b, k, *t.shape[1:]) for n, t in s.items()}
+        fg, bg = model._support_fractions(masks, q["mid"].shape[-2:])
+        grid = model._expert_outputs(q, s, fg, bg)["experts"]
+        size = tuple(query.shape[-2:])
+        scores = model.cycle_scores(q, s, masks, grid, size)
+        assert scores.shape == (b, 2) and ((scores >= 0) & (scores <= 1)).all()
+        changed = dict(grid, scenario=-grid["scenario"])  # another query prediction of one expert
+        other = model.cycle_scores(q, s, masks, changed, size)
+        torch.testing.assert_close(other[:, 0], scores[:, 0])
+        assert not torch.allclose(other[:, 1], scores[:, 1])
+        out = model(query, supports, masks)
+    torch.testing.assert_close(out["support_scores"], scores)
+    assert torch.isfinite(out["probability"]).all()

@@ -72,6 +72,14 @@ class ObjectExpertConfig:
     #: head_inputs=relations: the embedding is split into this many channel groups, each compared with
     #: the support's foreground and background prototypes by cosine similarity
     groups: int = 8
+    #: head_inputs=relations: also give the head the query's cosine similarity to the support's
+    #: foreground and background prototypes on each frozen high-level backbone level (2 maps per level).
+    #: These are not fitted to the base classes, so they carry over to novel ones (as HSNet's frozen
+    #: correlations do)
+    frozen_relations: bool = False
+    #: head_inputs=relations: batch norm over the head's input maps (without it, training sits on a
+    #: background-everywhere plateau for its first few hundred steps; docs/results.md)
+    input_norm: bool = True
 
 
 @dataclass
@@ -86,11 +94,20 @@ class ScenarioExpertConfig:
     #: head_inputs=relations: attention heads, each giving its own foreground/background evidence map
     heads: int = 4
     temperature: float = 0.1
+    #: head_inputs=relations: also attend from the frozen high-level query features to the frozen support
+    #: features (scene-normalised like the rest, one head per high level, no trained parameter) and give
+    #: the head its foreground/background evidence (2 maps per level)
+    frozen_relations: bool = False
+    #: head_inputs=relations: batch norm over the head's input maps (without it, training sits on a
+    #: background-everywhere plateau for its first few hundred steps; docs/results.md)
+    input_norm: bool = True
 
 
 @dataclass
 class FusionConfig:
-    #: awf (Adaptive Weighted Fusion) | mean (plain averaging)
+    #: awf (Adaptive Weighted Fusion: episode weights from each expert's score on the support) | cycle
+    #: (AWF whose scores come from the query prediction used as a support to find the support's object
+    #: again) | gate (per-pixel weights from the learned fusion gate, see ``gate``) | mean (plain averaging)
     mode: str = "awf"
     temperature: float = 0.1
     #: weight each pixel by the expert's confidence 1 - H(p)/log 2
@@ -98,6 +115,10 @@ class FusionConfig:
     #: the fusion inside the training loss (the fused cross-entropy): mean (plain averaging, no extra
     #: pass over the support) | awf. At test time ``mode`` applies.
     train_mode: str = "mean"
+    #: train a per-pixel fusion gate next to the experts (a two-layer conv on the experts' detached
+    #: probabilities and confidences, its own cross-entropy; it does not change the experts' training),
+    #: so that every checkpoint can be scored with any ``mode``
+    gate: bool = True
 
 
 @dataclass
@@ -155,6 +176,8 @@ class ContrastConfig:
 class LossConfig:
     expert_ce: float = 1.0
     fused_ce: float = 1.0
+    #: cross-entropy of the fusion gate's output (trains the gate only; model.fusion.gate)
+    gate_ce: float = 1.0
     distill: DistillConfig = field(default_factory=DistillConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
 
@@ -228,7 +251,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),
     "model.head_inputs": ("relations", "features"),
     "model.scenario.normalization": ("instance", "adain", "none"),
-    "model.fusion.mode": ("awf", "mean"),
+    "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "loss.distill.mode": ("correct", "foreground", "off"),

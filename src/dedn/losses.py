@@ -114,6 +114,9 @@ def dedn_loss(out: dict, target: Tensor, cfg: LossConfig, expert_names: list[str
     if len(expert_names) > 1 and "probability" in out and cfg.fused_ce > 0:
         log_p = out["probability"].clamp_min(1e-6).log()
         terms["ce_fused"] = cfg.fused_ce * F.nll_loss(log_p, target, ignore_index=IGNORE)
+    if "gate_probability" in out and cfg.gate_ce > 0:
+        log_g = out["gate_probability"].clamp_min(1e-6).log()
+        terms["ce_gate"] = cfg.gate_ce * F.nll_loss(log_g, target, ignore_index=IGNORE)
     kd = cfg.distill
     if len(expert_names) == 2 and kd.mode != "off" and kd.weight > 0:
         a, b = (experts[n] for n in expert_names)

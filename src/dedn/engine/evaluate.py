@@ -99,6 +99,16 @@ class EpisodeRunner:
         return prediction, target, out
 
 
+def other_fusions(out: dict) -> dict[str, torch.Tensor]:
+    """Log-probabilities of the fusions that the experts' outputs give without another pass: plain
+    averaging and, when the model has one, the learned gate (whatever ``model.fusion.mode`` is)."""
+    probs = torch.stack([x.softmax(dim=1) for x in out["experts"].values()]).mean(dim=0)
+    fusions = {"fusion=mean": probs.clamp_min(1e-6).log()}
+    if "gate_probability" in out:
+        fusions["fusion=gate"] = out["gate_probability"].clamp_min(1e-6).log()
+    return fusions
+
+
 def evaluate_episodes(
     model,
     source,
@@ -116,7 +126,8 @@ def evaluate_episodes(
     """Score ``episodes`` (this process's share of them) and return the metric, summed over processes.
 
     With ``expert_metrics`` (a dict), each expert of a fused model is also scored on its own, from the
-    same forward pass: ``expert_metrics[name]`` is filled with its metric."""
+    same forward pass: ``expert_metrics[name]`` is filled with its metric; so are the fusions that need
+    no extra pass (``fusion=mean``, and ``fusion=gate`` for a model with a fusion gate)."""
     dist_info = dist_info or DistInfo()
     runner = EpisodeRunner(model, source, size, device, cache)
     metric = FewShotIoU(classes)
@@ -126,7 +137,7 @@ def evaluate_episodes(
         prediction, target, out = runner.run(episodes[i])
         metric.update(prediction, target, episodes[i].class_id)
         if expert_metrics is not None and len(out.get("experts", {})) > 1:
-            for name, logits in out["experts"].items():
+            for name, logits in {**out["experts"], **other_fusions(out)}.items():
                 expert = expert_metrics.setdefault(name, FewShotIoU(classes))
                 if out["empty_support"].item():  # the fused output's rule applies to every expert
                     expert.update(prediction, target, episodes[i].class_id)
@@ -274,7 +285,12 @@ def results_markdown(results: dict) -> str:
     ]
     for name, expert in results.get("experts", {}).items():
         miou = expert["miou"]
-        lines.append(f"| mIoU of the {name} expert alone | {_pct(miou['mean'])} | {_pct(miou['std'])} |")
+        what = (
+            f"the fused model scored with {name}"
+            if name.startswith("fusion=")
+            else f"the {name} expert alone"
+        )
+        lines.append(f"| mIoU of {what} | {_pct(miou['mean'])} | {_pct(miou['std'])} |")
     lines += [
         "",
         "| class | IoU (mean over seeds) |",

@@ -60,6 +60,24 @@ class Classifier(nn.Sequential):
         super().__init__(conv_relu(channels, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels, 2, 1))
 
 
+def input_norm(width: int, enabled: bool) -> nn.Module:
+    """Batch norm over the head's relation maps (``enabled``), else identity. Cosine similarities,
+    attention shares and priors live in narrow, input-specific ranges: unnormalised, the first 1x1
+    convolution sees nearly constant inputs and training sits on a plateau that predicts background
+    everywhere for its first few hundred steps (docs/results.md)."""
+    return nn.BatchNorm2d(width) if enabled else nn.Identity()
+
+
+def frozen_levels(enabled: bool, high_channels: list[int] | None) -> list[int]:
+    """The channel widths of the frozen high-level levels (concatenated in ``query_high``) that a head's
+    frozen relations are computed on: one entry per level when ``enabled``, else none."""
+    if not enabled:
+        return []
+    if not high_channels:
+        raise ValueError("frozen_relations needs the channel widths of the backbone's high levels")
+    return list(high_channels)
+
+
 def shot_prototype(features: Tensor, fraction: Tensor) -> Tensor:
     """Masked average over cells and shots, shots weighted by their area, so that an empty shot does not
     pull the prototype towards zero: (B, K, C, h, w), (B, K, 1, h, w) -> (B, C)."""
@@ -77,6 +95,30 @@ def group_cosine(features: Tensor, prototype: Tensor, groups: int) -> Tensor:
     return torch.einsum("bgchw,bgc->bghw", x, p)
 
 
+def support_attention(
+    q: Tensor, key: Tensor, fg: Tensor, bg: Tensor, temperature: float, extra: Tensor | None = None
+) -> Tensor:
+    """Cosine attention of every query cell to the labelled support cells, applied to each support cell's
+    foreground and background share (and ``extra`` values): q (B, H, hw, d), key (B, H, n, d) (unit
+    vectors), fg/bg (B, n), extra (B, n, C) -> (B, H, hw, 2 [+ C]): channel 0 (1) is the share of a query
+    cell's attention that lands on support foreground (background). Fused attention: the (hw, n) map is
+    never stored."""
+    b, heads, _, d = q.shape
+    n = fg.shape[1]
+    values = [fg.view(b, n, 1), bg.view(b, n, 1)] + ([extra] if extra is not None else [])
+    v = torch.cat(values, dim=2).unsqueeze(1).expand(b, heads, n, -1)
+    # cells that are mostly "ignore" carry no label: they are not attended to
+    labelled = (fg + bg).view(b, 1, 1, n) > 0.5
+    bias = torch.zeros(labelled.shape, dtype=q.dtype, device=q.device).masked_fill(~labelled, -1e4)
+    # PyTorch's fused (flash) kernels need one width for queries, keys and values; zero padding changes
+    # neither the scores nor the values kept
+    width = max(d, v.shape[3])
+    kept = v.shape[3]
+    q, key, v = (F.pad(t, (0, width - t.shape[3])).contiguous() for t in (q, key, v))
+    out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias, scale=1.0 / temperature)
+    return out[..., :kept]
+
+
 class ObjectExpert(nn.Module):
     """Object-level expert: "what is the target object".
 
@@ -88,14 +130,23 @@ class ObjectExpert(nn.Module):
     """
 
     def __init__(
-        self, channels: int, cfg: ObjectExpertConfig, dropout: float = 0.1, inputs: str = "relations"
+        self,
+        channels: int,
+        cfg: ObjectExpertConfig,
+        dropout: float = 0.1,
+        inputs: str = "relations",
+        high_channels: list[int] | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.inputs = inputs
         self.embed = conv_relu(channels, channels, 1)
         maps = int(cfg.use_prior) + int(cfg.use_prior and cfg.ocg.enabled)
+        # one pair of prototype similarity maps per frozen high-level level
+        self.high_channels = frozen_levels(cfg.frozen_relations and inputs == "relations", high_channels)
+        maps += 2 * len(self.high_channels)
         width = 2 * cfg.groups + maps if inputs == "relations" else 2 * channels + 1 + maps
+        self.input_norm = input_norm(width, cfg.input_norm and inputs == "relations")
         self.merge = nn.Sequential(conv_relu(width, channels, 1), nn.Dropout2d(dropout))
         self.context = ContextPyramid(channels, cfg.aspp_rates)
         self.refine = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
@@ -118,6 +169,8 @@ class ObjectExpert(nn.Module):
             background = shot_prototype(es, support_bg)
             groups = self.cfg.groups
             inputs = [group_cosine(eq, prototype, groups), group_cosine(eq, background, groups)]
+            if self.high_channels:
+                inputs.append(self.frozen_similarities(query_high, support_high, support_fg, support_bg))
         else:
             proto_map = prototype[:, :, None, None].expand(-1, -1, h, w)
             inputs = [eq, proto_map, F.cosine_similarity(eq, proto_map, dim=1).unsqueeze(1)]
@@ -131,7 +184,7 @@ class ObjectExpert(nn.Module):
                 guidance = continuity_guidance(prior, fq, ocg.steps, ocg.temperature, ocg.window)
                 inputs.append(guidance)
                 maps["guidance"] = guidance
-        x = self.merge(torch.cat(inputs, dim=1))
+        x = self.merge(self.input_norm(torch.cat(inputs, dim=1)))
         x = self.refine(self.context(x))
         return {
             "logits": self.classifier(x),
@@ -140,6 +193,20 @@ class ObjectExpert(nn.Module):
             "prototype": prototype,
             **maps,
         }
+
+    def frozen_similarities(
+        self, query_high: Tensor, support_high: Tensor, support_fg: Tensor, support_bg: Tensor
+    ) -> Tensor:
+        """Cosine similarity of the frozen query features to the support's fg and bg prototypes, level by
+        level: (B, Ch, h, w), (B, K, Ch, h, w) -> (B, 2 * levels, h, w), fg maps first."""
+        maps = []
+        for frac in (support_fg, support_bg):
+            prototype = shot_prototype(support_high, frac)  # (B, Ch)
+            per_level = zip(
+                query_high.split(self.high_channels, 1), prototype.split(self.high_channels, 1), strict=True
+            )
+            maps += [F.cosine_similarity(q, p[:, :, None, None], dim=1) for q, p in per_level]
+        return torch.stack(maps, dim=1)
 
 
 class ScenarioExpert(nn.Module):
@@ -153,7 +220,12 @@ class ScenarioExpert(nn.Module):
     """
 
     def __init__(
-        self, channels: int, cfg: ScenarioExpertConfig, dropout: float = 0.1, inputs: str = "relations"
+        self,
+        channels: int,
+        cfg: ScenarioExpertConfig,
+        dropout: float = 0.1,
+        inputs: str = "relations",
+        high_channels: list[int] | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -162,15 +234,38 @@ class ScenarioExpert(nn.Module):
         d = cfg.attention_dim
         self.query_proj = nn.Conv2d(channels, d, 1)
         self.key_proj = nn.Conv2d(channels, d, 1)
-        width = 2 * self.heads + int(cfg.gram_difference)
+        self.high_channels = frozen_levels(cfg.frozen_relations and inputs == "relations", high_channels)
+        width = 2 * self.heads + int(cfg.gram_difference) + 2 * len(self.high_channels)
         if inputs == "features":
             self.value_proj = conv_relu(channels, channels, 1)
             width += 2 * channels
+        self.input_norm = input_norm(width, cfg.input_norm and inputs == "relations")
         self.merge = nn.Sequential(conv_relu(width, channels, 1), nn.Dropout2d(dropout))
         self.refine = nn.Sequential(
             ResidualBlock(channels, 1), ResidualBlock(channels, 2), ResidualBlock(channels, 4)
         )
         self.classifier = Classifier(channels, dropout)
+
+    def frozen_evidence(
+        self, query_high: Tensor, support_high: Tensor, support_fg: Tensor, support_bg: Tensor
+    ) -> Tensor:
+        """Evidence maps of attention on the frozen high-level features, one head per level, after the same
+        Scenario Normalization as the trained features: -> (B, 2 * levels, h, w), fg maps first."""
+        b, k, _, h, w = support_high.shape
+        fg_maps, bg_maps = [], []
+        fg = support_fg.reshape(b, k * h * w)
+        bg = support_bg.reshape(b, k * h * w)
+        levels = zip(
+            query_high.split(self.high_channels, 1), support_high.split(self.high_channels, 2), strict=True
+        )
+        for fq, fs in levels:
+            qn, sn = self.normalize(fq, fs)
+            q = F.normalize(qn.flatten(2), dim=1).transpose(1, 2).unsqueeze(1)  # (B, 1, hw, c)
+            key = F.normalize(sn.permute(0, 2, 1, 3, 4).flatten(2), dim=1).transpose(1, 2).unsqueeze(1)
+            out = support_attention(q, key, fg, bg, self.cfg.temperature)
+            fg_maps.append(out[:, 0, :, 0].view(b, h, w))
+            bg_maps.append(out[:, 0, :, 1].view(b, h, w))
+        return torch.stack(fg_maps + bg_maps, dim=1)
 
     def normalize(self, fq: Tensor, fs: Tensor) -> tuple[Tensor, Tensor]:
         mode = self.cfg.normalization
@@ -187,7 +282,15 @@ class ScenarioExpert(nn.Module):
         std = std.view(b, k, c, 1, 1).mean(dim=1)
         return qn * std + mean, fs
 
-    def forward(self, fq: Tensor, fs: Tensor, support_fg: Tensor, support_bg: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        fq: Tensor,
+        fs: Tensor,
+        support_fg: Tensor,
+        support_bg: Tensor,
+        query_high: Tensor | None = None,
+        support_high: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         b, k, c, h, w = fs.shape
         n = self.heads
         qn, sn = self.normalize(fq, fs)
@@ -196,23 +299,13 @@ class ScenarioExpert(nn.Module):
         key = self.key_proj(s_flat).view(b, k, n, -1, h * w)
         key = F.normalize(key, dim=3).permute(0, 2, 3, 1, 4).reshape(b, n, -1, k * h * w)  # (B, H, d/H, K*hw)
         cells = k * h * w
-        # the attended values: each support cell's foreground and background share (and, for
-        # head_inputs="features", its projected feature); fused attention never stores the (hw, K*hw) map
-        values = [support_fg.reshape(b, 1, cells, 1), support_bg.reshape(b, 1, cells, 1)]
-        if self.inputs == "features":
-            value = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 1, 3, 2).reshape(b, 1, cells, c)
-            values.append(value)
-        v = torch.cat(values, dim=3).expand(b, n, cells, -1)
-        # cells that are mostly "ignore" carry no label: they are not attended to
-        labelled = (values[0] + values[1]).view(b, 1, 1, cells) > 0.5
-        bias = torch.zeros(labelled.shape, dtype=q.dtype, device=q.device).masked_fill(~labelled, -1e4)
-        # PyTorch's fused (flash) kernels need one width for queries, keys and values; zero padding
-        # changes neither the scores nor the values kept
-        width = max(q.shape[2], v.shape[3])
-        q, key = (F.pad(t.transpose(2, 3), (0, width - t.shape[2])).contiguous() for t in (q, key))
-        v = F.pad(v, (0, width - v.shape[3]))
-        out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias, scale=1.0 / self.cfg.temperature)
-        # out: (B, H, hw, 2 [+ C] [+ padding])
+        extra = None
+        if self.inputs == "features":  # the attended projected support features give a context map
+            extra = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 1, 3, 2).reshape(b, cells, c)
+        q, key = q.transpose(2, 3), key.transpose(2, 3)
+        fg, bg = support_fg.reshape(b, cells), support_bg.reshape(b, cells)
+        out = support_attention(q, key, fg, bg, self.cfg.temperature, extra)
+        # out: (B, H, hw, 2 [+ C])
         fg_evidence = out[..., 0].view(b, n, h, w)
         bg_evidence = out[..., 1].view(b, n, h, w)
         inputs = [fg_evidence, bg_evidence]
@@ -221,5 +314,8 @@ class ScenarioExpert(nn.Module):
             inputs = [qn, context, *inputs]
         if self.cfg.gram_difference:
             inputs.append(gram_difference(fq, fs).view(b, 1, 1, 1).expand(b, 1, h, w))
-        x = self.refine(self.merge(torch.cat(inputs, dim=1)))
+        if self.high_channels:
+            with torch.no_grad():  # nothing to train before the head
+                inputs.append(self.frozen_evidence(query_high, support_high, support_fg, support_bg))
+        x = self.refine(self.merge(self.input_norm(torch.cat(inputs, dim=1))))
         return {"logits": self.classifier(x), "evidence": fg_evidence.mean(dim=1, keepdim=True)}

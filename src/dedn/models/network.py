@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dedn.config import ModelConfig
 from dedn.models.experts import ObjectExpert, ScenarioExpert
-from dedn.models.fusion import fuse_probabilities, fusion_weights
+from dedn.models.fusion import FusionGate, fuse_probabilities, fusion_weights
 from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou
 
 TRAINING_FREE = ("proto", "prior")
@@ -55,6 +55,7 @@ class FewShotSegmenter(nn.Module):
                 raise ValueError(f"backbone {cfg.backbone} has no level '{name}'; it has: {', '.join(info)}")
         self.method = cfg.method
         self.expert_names: list[str] = []
+        self.gate: FusionGate | None = None
         if self.method in TRAINING_FREE:
             return
         mid_channels = sum(info[n].channels for n in self.mid_levels)
@@ -63,11 +64,16 @@ class FewShotSegmenter(nn.Module):
             nn.Conv2d(mid_channels, c, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(cfg.dropout)
         )
         self.experts = nn.ModuleDict()
+        high_channels = [info[n].channels for n in self.high_levels]
         if self.method in ("dedn", "object"):
-            self.experts["object"] = ObjectExpert(c, cfg.object, cfg.dropout, cfg.head_inputs)
+            self.experts["object"] = ObjectExpert(c, cfg.object, cfg.dropout, cfg.head_inputs, high_channels)
         if self.method in ("dedn", "scenario"):
-            self.experts["scenario"] = ScenarioExpert(c, cfg.scenario, cfg.dropout, cfg.head_inputs)
+            self.experts["scenario"] = ScenarioExpert(
+                c, cfg.scenario, cfg.dropout, cfg.head_inputs, high_channels
+            )
         self.expert_names = list(self.experts)
+        if self.method == "dedn" and cfg.fusion.gate:
+            self.gate = FusionGate()
 
     @property
     def trainable(self) -> bool:
@@ -124,18 +130,32 @@ class FewShotSegmenter(nn.Module):
             out = {"logits": torch.cat([torch.full_like(prior, thr), prior], dim=1) * 10.0, "prior": prior}
         else:
             out = self._expert_outputs(query, supports, fg, bg)
+        grid_logits = dict(out.get("experts", {}))
+        if self.gate is not None:
+            gated, gate_map = self.gate([grid_logits[e] for e in self.expert_names], out_size)
+            out["gate_probability"] = gated
         out = self._upsample(out, out_size)
         if self.method == "dedn":
             probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
             mode = self.cfg.fusion.train_mode if self.training else self.cfg.fusion.mode
-            if mode == "awf":
-                scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
+            if mode == "gate":
+                if self.gate is None:
+                    raise ValueError("model.fusion.mode = gate needs a model trained with model.fusion.gate")
+                w = gate_map.mean(dim=(1, 2, 3))
+                weights = torch.stack([w, 1 - w], dim=1)  # the mean per-pixel weights, for reports
+                fused = gated
+            elif mode in ("awf", "cycle"):
+                if mode == "awf":
+                    scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
+                else:
+                    scores = self.cycle_scores(query, supports, support_masks, grid_logits, out_size)
                 weights = fusion_weights(scores, self.cfg.fusion.temperature)
                 out["support_scores"] = scores
             else:
                 weights = torch.full((b, len(probs)), 1.0 / len(probs), device=probs[0].device)
-            confidence = self.cfg.fusion.confidence and mode == "awf"
-            fused = fuse_probabilities(probs, weights, confidence)
+            if mode != "gate":
+                confidence = self.cfg.fusion.confidence and mode in ("awf", "cycle")
+                fused = fuse_probabilities(probs, weights, confidence)
             out["fusion_weights"] = weights
             out["probability"] = fused
             out["logits"] = fused.clamp_min(1e-6).log()
@@ -158,18 +178,19 @@ class FewShotSegmenter(nn.Module):
         fg, bg = mask_fractions(support_masks.flatten(0, 1), (h, w))
         return fg.view(b, k, 1, h, w), bg.view(b, k, 1, h, w)
 
-    def _expert_outputs(self, query, supports, fg, bg) -> dict:
+    def _expert_outputs(self, query, supports, fg, bg, only: str | None = None) -> dict:
+        """Each expert's logits at the feature grid (``only``: that expert alone)."""
         b, k = fg.shape[:2]
         fq = self.reduce(query["mid"])
         fs = self.reduce(supports["mid"].flatten(0, 1))
         fs = fs.view(b, k, *fs.shape[1:])
         out: dict = {"experts": {}, "aux": {"support_fg": fg, "support_bg": bg}}
-        if "object" in self.experts:
+        if "object" in self.experts and only in (None, "object"):
             o = self.experts["object"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["object"] = o["logits"]
             out["aux"].update({key: v for key, v in o.items() if key != "logits"})
-        if "scenario" in self.experts:
-            s = self.experts["scenario"](fq, fs, fg, bg)
+        if "scenario" in self.experts and only in (None, "scenario"):
+            s = self.experts["scenario"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["scenario"] = s["logits"]
             out["aux"]["evidence"] = s["evidence"]
         return out
@@ -209,15 +230,36 @@ class FewShotSegmenter(nn.Module):
             # the experts only: no fusion and no empty-support override are needed for the scores
             fg, bg = self._support_fractions(support_masks[:, rest], pseudo_query["mid"].shape[-2:])
             out = self._upsample(self._expert_outputs(pseudo_query, pseudo_supports, fg, bg), out_size)
-            target = support_masks[:, i]
-            if target.shape[-2:] != tuple(out_size):  # e.g. the training loss at a lower resolution
-                target = F.interpolate(target[:, None].float(), out_size, mode="nearest")[:, 0].long()
+            target = _resized(support_masks[:, i], out_size)
             per_shot.append(
                 torch.stack(
                     [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], target) for e in self.expert_names], 1
                 )
             )
         return torch.stack(per_shot, dim=1).mean(dim=1)  # (B, E)
+
+    @torch.no_grad()
+    def cycle_scores(
+        self, query: dict, supports: dict, support_masks: Tensor, grid_logits: dict, out_size
+    ) -> Tensor:
+        """How well each expert's query prediction serves as a support to find the support's object again:
+        (B, E). Expert ``e``'s soft query mask becomes a one-shot support (its foreground probability per
+        cell); ``e`` then segments every support image from it, scored by soft IoU against the true support
+        mask and averaged over shots. Unlike :meth:`support_scores`, this depends on the query, so it can
+        tell which expert got the query right. No query label is used."""
+        k = support_masks.shape[1]
+        pseudo_supports = {n: t.unsqueeze(1) for n, t in query.items()}  # (B, 1, C, h, w)
+        scores = []
+        for e in self.expert_names:
+            fg = grid_logits[e].softmax(dim=1)[:, 1:].unsqueeze(1)  # (B, 1, 1, h, w)
+            per_shot = []
+            for i in range(k):
+                pseudo_query = {n: t[:, i] for n, t in supports.items()}
+                out = self._expert_outputs(pseudo_query, pseudo_supports, fg, 1 - fg, only=e)
+                prob = self._upsample(out, out_size)["experts"][e].softmax(dim=1)[:, 1]
+                per_shot.append(soft_iou(prob, _resized(support_masks[:, i], out_size)))
+            scores.append(torch.stack(per_shot, dim=1).mean(dim=1))
+        return torch.stack(scores, dim=1)
 
     def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
         """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""
@@ -240,6 +282,13 @@ class FewShotSegmenter(nn.Module):
             protos.append(F.normalize((per_shot * area).sum(1) / area.sum(1).clamp_min(1e-6), dim=1))
         sims = [F.cosine_similarity(q, p[:, :, None, None], dim=1) for p in protos]
         return torch.stack(sims, dim=1) * 10.0
+
+
+def _resized(masks: Tensor, size) -> Tensor:
+    """(B, H, W) label maps at ``size`` (nearest), e.g. for the training loss at a lower resolution."""
+    if masks.shape[-2:] == tuple(size):
+        return masks
+    return F.interpolate(masks[:, None].float(), size, mode="nearest")[:, 0].long()
 
 
 def build_model(cfg: ModelConfig, backbone: nn.Module | None = None) -> FewShotSegmenter:
