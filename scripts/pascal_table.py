@@ -142,12 +142,19 @@ def collect(out: Path) -> list[dict]:
     ]
 
 
+def cell(score: dict) -> str:
+    """mIoU cell: mean +- std over the seeds, or the single seed's value marked ``(1 seed)``."""
+    if score.get("n", 0) > 1:
+        return f"{100 * score['mean']:.1f} +- {100 * score['std']:.1f}"
+    return f"{100 * score['mean']:.1f} (1 seed)"
+
+
 def table(records: list[dict]) -> str:
     folds = sorted({r["fold"] for r in records})
     lines = []
     for shots in sorted({r["shots"] for r in records}):
         lines += [
-            f"### {shots}-shot (mIoU %, mean +- std over seeds; FB-IoU of the fold mean)",
+            f"### {shots}-shot (mIoU %, mean +- std over the test seeds; FB-IoU of the fold mean)",
             "",
             "| method | " + " | ".join(f"fold {f}" for f in folds) + " | mean mIoU | mean FB-IoU |",
             "|---|" + "---|" * (len(folds) + 2),
@@ -161,7 +168,7 @@ def table(records: list[dict]) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                cells.append(f"{100 * r['miou']['mean']:.1f} +- {100 * r['miou']['std']:.1f}")
+                cells.append(cell(r["miou"]))
                 means.append(r["miou"]["mean"])
                 fbs.append(r["fbiou"]["mean"])
             mean = f"{100 * sum(means) / len(means):.1f}" if len(means) == len(folds) else "-"

@@ -65,18 +65,46 @@ def test_voc_reads_palette_indices_and_rgb(tmp_path):
     assert label.dtype == np.uint8
 
 
-def test_voc_fingerprint_follows_the_files_not_where_they_are(tmp_path, monkeypatch):
+def test_voc_fingerprint_follows_the_data_not_where_or_when_it_was_written(tmp_path, monkeypatch):
     import shutil
 
     root = make_voc(tmp_path / "voc", voc_labels())
     here = VOCSource(root, split="val").fingerprint()
-    copy = shutil.copytree(root, tmp_path / "elsewhere" / "voc")  # copy2: sizes and mtimes kept
+    # another place, a relative root, and a copy that does not keep the timestamps (a fresh download,
+    # a container mount): the same data, so the same episode files and feature store apply
+    copy = shutil.copytree(root, tmp_path / "elsewhere" / "voc", copy_function=shutil.copyfile)
+    for p in copy.rglob("*"):
+        os.utime(p, ns=(1, 1))
     assert VOCSource(copy, split="val").fingerprint() == here
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert VOCSource(Path("voc"), split="val").fingerprint() == here  # a relative root
+    assert VOCSource(Path("voc"), split="val").fingerprint() == here
+    # a label rewritten in place at the same byte size is a change
     label = copy / "SegmentationClassAug" / "2007_000001.png"
-    label.write_bytes(label.read_bytes() + b"\0")
+    data = bytearray(label.read_bytes())
+    data[-20] ^= 0xFF
+    label.write_bytes(bytes(data))
     assert VOCSource(copy, split="val").fingerprint() != here
+    # so is an image of another size
+    image = root / "JPEGImages" / "2007_000002.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert VOCSource(root, split="val").fingerprint() != here
+
+
+def test_coco_fingerprint_follows_the_annotations_and_the_images(tmp_path):
+    root = make_coco(tmp_path / "coco")
+    here = COCOSource(root).fingerprint()
+    for p in root.rglob("*"):
+        os.utime(p, ns=(1, 1))
+    assert COCOSource(root).fingerprint() == here
+    ann = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["category_id"] = data["annotations"][1]["category_id"]
+    ann.write_text(json.dumps(data))
+    assert COCOSource(root).fingerprint() != here
+    src = COCOSource(root)
+    src.image_path(src.ids[0]).unlink()
+    with pytest.raises(DataError, match="missing"):
+        src.fingerprint()
 
 
 def test_voc_split_variants(tmp_path):

@@ -115,3 +115,14 @@ def test_train_step_benchmark_prints_a_time_per_method():
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| dedn", "| scenario"))]
     assert [r[1].strip() for r in rows] == ["dedn", "scenario"]
     assert all(float(r[2]) > 0 for r in rows) and "x 6 steps" in done.stdout
+
+
+def test_table_cells_say_when_a_row_has_one_test_seed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pascal_table", REPO / "scripts" / "pascal_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.cell({"mean": 0.4876, "std": 0.0071, "n": 5}) == "48.8 +- 0.7"
+    # a seed-0-only row has no spread to show, and must not look like one with a std of 0
+    assert table.cell({"mean": 0.4876, "std": 0.0, "n": 1}) == "48.8 (1 seed)"

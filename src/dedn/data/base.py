@@ -88,14 +88,21 @@ class SegmentationSource(ABC):
         return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes)"
 
 
-def files_fingerprint(paths: Sequence[Path], extra: str = "") -> str:
-    """Hash of file names, sizes and modification times: cheap, and changes when any file changes.
+def files_fingerprint(paths: Sequence[Path], extra: str = "", hashed: Sequence[Path] = ()) -> str:
+    """A hash that changes when the data changes, and only then.
 
-    Each file enters as ``<folder name>/<file name>``, not its full path, so the same data reached from
-    another checkout or through another relative path keeps its fingerprint (and its episode files and
-    feature store)."""
+    ``paths`` enter by ``<folder name>/<file name>`` and byte size; the files in ``hashed`` (the labels,
+    which decide the class index and every episode, and are small) also by their bytes. Neither full
+    paths nor modification times enter: the same data reached from another checkout, through a relative
+    path, or copied without its timestamps (a fresh download, ``cp`` without ``-p``, a container mount)
+    keeps its fingerprint, and so its episode files and feature store. An in-place edit of an image that
+    keeps its byte size is not seen; delete the cache after one (``dedn features`` rebuilds it)."""
     h = hashlib.sha1(extra.encode())
     for p in paths:
-        st = p.stat()
-        h.update(f"{p.parent.name}/{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.parent.name}/{p.name}|{p.stat().st_size}\n".encode())
+    for p in hashed:
+        h.update(f"{p.parent.name}/{p.name}|".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]

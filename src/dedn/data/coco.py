@@ -67,6 +67,7 @@ class COCOSource(SegmentationSource):
         categories = sorted(data.get("categories", []), key=lambda c: c["id"])
         if not categories:
             raise DataError(f"{self.annotation_file}: no categories; expected the COCO instance format")
+        self._fingerprint: str | None = None  # computed once: it reads the annotation file
         super().__init__([c["name"] for c in categories])
         #: original COCO category id -> class index 1..N
         self.category_to_class = {c["id"]: i + 1 for i, c in enumerate(categories)}
@@ -178,7 +179,12 @@ class COCOSource(SegmentationSource):
             raise DataError(f"{where}: cannot rasterise the segmentation: {e}") from None
 
     def fingerprint(self) -> str:
-        # labels come from the json alone; the image folder's mtime changes when files are added/removed
-        return files_fingerprint(
-            [self.annotation_file, self.image_dir], extra=f"coco|{self.split}|{_RULE_VERSION}"
-        )
+        # the labels and the image list come from the json: its bytes; the images: their names and sizes
+        if self._fingerprint is None:
+            extra = f"coco|{self.split}|{_RULE_VERSION}"
+            images = [self.image_path(i) for i in self._ids]
+            try:
+                self._fingerprint = files_fingerprint(images, extra=extra, hashed=[self.annotation_file])
+            except FileNotFoundError as e:
+                raise DataError(f"image listed in {self.annotation_file} is missing: {e.filename}") from None
+        return self._fingerprint

@@ -65,6 +65,7 @@ class ClassFolderSource(SegmentationSource):
             folders = sorted(dict.fromkeys(classes))
         if not folders:
             raise DataError(f"no class folders under {self.root}; expected root/<class>/<name>.jpg + .png")
+        self._fingerprint: str | None = None  # computed once: it reads the label files
         super().__init__(folders)
         self.class_index = {c: i + 1 for i, c in enumerate(folders)}
         self._label_dtype = np.uint8 if self.num_classes < IGNORE_INDEX else np.uint16
@@ -163,9 +164,14 @@ class ClassFolderSource(SegmentationSource):
         return raw == fg_value, ignore
 
     def fingerprint(self) -> str:
-        paths = [p for i in self.ids for p in (self.mask_path(i), self.image_path(i))]
+        if self._fingerprint is not None:
+            return self._fingerprint
+        images = [self.image_path(i) for i in self.ids]
+        masks = [self.mask_path(i) for i in self.ids]
         mode = f"value={self.mask_value}|threshold={self.threshold}|suffix={self.mask_suffix}"
         try:
-            return files_fingerprint(paths, extra=f"folders|{'|'.join(self.class_names)}|{mode}")
+            extra = f"folders|{'|'.join(self.class_names)}|{mode}"
+            self._fingerprint = files_fingerprint(images, extra=extra, hashed=masks)
+            return self._fingerprint
         except FileNotFoundError as e:
             raise DataError(f"file listed under {self.root} is missing: {e.filename}") from None

@@ -116,6 +116,7 @@ class VOCSource(SegmentationSource):
         image_dir: str = "JPEGImages",
         label_dir: str = "SegmentationClassAug",
     ):
+        self._fingerprint: str | None = None  # computed once: it reads the label files
         super().__init__(PASCAL_CLASSES)
         self.root = Path(root)
         if not self.root.is_dir():
@@ -175,8 +176,13 @@ class VOCSource(SegmentationSource):
         return label
 
     def fingerprint(self) -> str:
-        paths = [p for i in self._ids for p in (self.label_path(i), self.image_path(i))]
+        if self._fingerprint is not None:
+            return self._fingerprint
+        images = [self.image_path(i) for i in self._ids]
+        labels = [self.label_path(i) for i in self._ids]
         try:
-            return files_fingerprint(paths, extra=f"voc|{self.image_dir.name}|{self.label_dir.name}")
+            extra = f"voc|{self.image_dir.name}|{self.label_dir.name}"
+            self._fingerprint = files_fingerprint(images, extra=extra, hashed=labels)
+            return self._fingerprint
         except FileNotFoundError as e:
             raise DataError(f"file listed in the split is missing: {e.filename}") from None
