@@ -1,6 +1,8 @@
 """The on-disk feature store, the loss resolution and the fusion used in training."""
 
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from dedn.data.transforms import TestTransform
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.checkpoint import trainable_state
 from dedn.engine.evaluate import evaluate_episodes
-from dedn.engine.features import FeatureCache, ImageEncoder, build_feature_store
+from dedn.engine.features import FeatureCache, ImageEncoder, build_feature_store, feature_store_key
 from dedn.engine.train import Trainer
 from dedn.models.network import FewShotSegmenter
 from test_engine import TINY, tiny_config
@@ -209,3 +211,25 @@ def test_negative_episodes_reach_training_with_background_targets(tmp_path, feat
         empty_share[p] = sum(empty) / len(empty)
     assert empty_share[0.0] == 0.0
     assert 0.2 <= empty_share[0.5] <= 0.8
+
+
+def test_store_key_follows_the_weight_file_content_not_its_path_or_time(tmp_path):
+    """A user's weight file enters the key by its bytes: a copy elsewhere, with another timestamp, keeps
+    the store; the same path with other weights does not."""
+    cfg = tiny_config(tmp_path)
+    source = build_benchmark(cfg.data).test_source
+    first = tmp_path / "a" / "resnet50.pth"
+    first.parent.mkdir()
+    first.write_bytes(bytes(range(256)) * 4)
+    copy = tmp_path / "b" / "weights.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    os.utime(copy, (1, 1))
+
+    def key(weights):
+        model_cfg = dataclasses.replace(cfg.model, weights=str(weights))
+        return feature_store_key(source, model_cfg, cfg.data.image_size, [2], [3])
+
+    assert key(first) == key(copy)
+    copy.write_bytes(bytes([*range(1, 256), 0]) * 3 + bytes(range(256)))  # same size, other bytes
+    assert key(first) != key(copy)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dedn.errors import DataError
+from dedn.utils.io import hash_file
 
 IGNORE_INDEX = 255
 
@@ -102,7 +103,5 @@ def files_fingerprint(paths: Sequence[Path], extra: str = "", hashed: Sequence[P
         h.update(f"{p.parent.name}/{p.name}|{p.stat().st_size}\n".encode())
     for p in hashed:
         h.update(f"{p.parent.name}/{p.name}|".encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_file(p, h)
     return h.hexdigest()[:16]

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dedn.errors import DataError
+from dedn.utils.io import cache_dir, hash_file
 
 Features = dict[str, Tensor]
 
@@ -127,8 +128,8 @@ def feature_store_key(source, model_cfg, image_size: int, mid_levels, high_level
     """What the stored features depend on: the images, the backbone and its weights, the input size."""
     weights = model_cfg.weights
     if weights not in (None, "imagenet") and Path(weights).is_file():
-        stat = Path(weights).stat()
-        weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        # by content, like the data's fingerprint: a moved or re-copied weight file keeps its store
+        weights = f"sha1:{hash_file(weights).hexdigest()}"
     described = {
         "format": 1,
         "source": f"{source.name}-{source.fingerprint()}",
@@ -156,7 +157,6 @@ def build_feature_store(
     image first if it does not exist yet. Written to a temporary folder and renamed into place, so an
     interrupted build leaves nothing half-written behind, and two processes building at once cannot mix."""
     from dedn.data.transforms import TestTransform
-    from dedn.utils.io import cache_dir
 
     root = Path(root) if root else cache_dir() / "features"
     key = feature_store_key(source, model.cfg, image_size, model.mid_levels, model.high_levels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,12 @@ def cache_dir() -> Path:
     root = os.environ.get("DEDN_CACHE_DIR")
     path = Path(root) if root else Path.home() / ".cache" / "dedn"
     return path
+
+
+def hash_file(path: str | os.PathLike, h=None):
+    """Feed a file's bytes into ``h`` (a new SHA-1 if None) in 1 MiB blocks, and return ``h``."""
+    h = hashlib.sha1() if h is None else h
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
