@@ -15,7 +15,7 @@ import torch
 
 from dedn.config import Config, config_from_dict, flatten, to_dict
 from dedn.errors import CheckpointError, ConfigError
-from dedn.utils.io import atomic_write
+from dedn.utils.io import atomic_write, hash_file
 
 #: model settings a checkpoint must agree on: all of them except these, which change neither the
 #: parameters nor what they mean (the backbone's weight file, and the test-time fusion and baselines,
@@ -97,8 +97,4 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.sha256()).hexdigest()
