@@ -4,7 +4,9 @@ Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to 
 trained once per fold with ``dedn train`` (1-shot episodes) and that model is scored with ``dedn eval`` at
 every shot count, on the same episode files as every other row (one per fold, shot count and seed).
 A test-time ablation (plain averaging instead of AWF) scores the DEDN model of its fold with another
-fusion; it needs no training of its own. Wall times are recorded per run. Results are collected into
+fusion; it needs no training of its own. The "trained apart" rows assemble the fold's ``object`` and
+``scenario`` models into one DEDN (``dedn assemble``) and score it; no training of their own either.
+Wall times are recorded per run. Results are collected into
 ``<out>/table.md`` and ``<out>/table.json``; a run whose output already exists is not repeated, so
 several invocations (e.g. one per fold, in parallel) can share ``--out``.
 
@@ -38,6 +40,25 @@ class Row:
         self.test = test or []
 
 
+class Apart(Row):
+    """A DEDN assembled (``dedn assemble``) from the fold's ``object`` and ``scenario`` models, which were
+    trained apart: no distillation, no fused loss, no shared layer. Scored with ``fusion`` (awf | mean)."""
+
+    #: the experts' rows, whose trained models are reused
+    PARTS = {"object": ["model.method=object"], "scenario": ["model.method=scenario"]}
+
+    def __init__(self, fusion: str):
+        super().__init__(
+            None,
+            [
+                "model.method=dedn",
+                "model.reduce=per_expert",
+                "model.fusion.gate=false",
+                f"model.fusion.mode={fusion}",
+            ],
+        )
+
+
 METHODS = {
     "dedn": Row(["model.method=dedn"]),
     "object": Row(["model.method=object"]),
@@ -50,9 +71,14 @@ ABLATIONS = {
     "dedn w/o Object Continuity Guidance": Row(["model.method=dedn", "model.object.ocg.enabled=false"]),
     "dedn w/o contrastive term": Row(["model.method=dedn", "loss.contrast.weight=0"]),
     "dedn w/o positive-guided KL": Row(["model.method=dedn", "loss.distill.mode=off"]),
+    "dedn w/o fused CE": Row(["model.method=dedn", "loss.fused_ce=0"]),
+    "dedn, one reduction layer per expert": Row(["model.method=dedn", "model.reduce=per_expert"]),
     # test-time: the DEDN model of the fold, fused by plain averaging
     "dedn, plain averaging instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=mean"]),
     "dedn, learned fusion gate instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=gate"]),
+    # the experts trained apart (the object and scenario rows' models), fused at test time only; its
+    # evaluation also scores plain averaging and each expert from the same pass
+    "dedn of experts trained apart, AWF": Apart("awf"),
     "dedn, PKL foreground-only": Row(["model.method=dedn", "loss.distill.mode=foreground"]),
     # the earlier design: both heads also see the query's own features (PFENet's layout)
     "dedn, heads also see the query features": Row(["model.method=dedn", "model.head_inputs=features"]),
@@ -92,6 +118,30 @@ def train_model(
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 
+def assemble_model(fold: int, out: Path, extra: list[str], config: Path = CONFIG) -> Path:
+    """The DEDN of the fold's object and scenario models trained apart (each trained if needed)."""
+    parts = {name: train_model(sets, fold, out, extra, config) for name, sets in Apart.PARTS.items()}
+    run = out / "models" / f"apart-fold{fold}"
+    ckpt = run / "checkpoints" / "best.pt"
+    times = run / "times.json"
+    if not times.exists():
+        dedn(
+            "assemble",
+            "--object",
+            str(parts["object"][0]),
+            "--scenario",
+            str(parts["scenario"][0]),
+            "--output",
+            str(ckpt),
+        )
+        record = {
+            "train_seconds": sum(seconds for _, seconds in parts.values()),
+            "overrides": [f"assembled from {path}" for path, _ in parts.values()],
+        }
+        times.write_text(json.dumps(record, indent=2))
+    return ckpt
+
+
 def eval_dir(out: Path, name: str, fold: int, shots: int) -> Path:
     return out / "eval" / f"{slug([name])}-fold{fold}-{shots}shot"
 
@@ -105,6 +155,8 @@ def run_row(
     if row.train is not None:
         ckpt, _ = train_model(row.train, fold, out, extra, config)
         checkpoint = ["--checkpoint", str(ckpt)]
+    elif isinstance(row, Apart):
+        checkpoint = ["--checkpoint", str(assemble_model(fold, out, extra, config))]
     run = eval_dir(out, name, fold, shots)
     if not (run / "times.json").exists():
         eval_sets = [*sets, f"eval.episode_dir={out / 'episodes'}"]
@@ -190,8 +242,8 @@ def table(records: list[dict]) -> str:
                 )
                 if r is None:
                     cells.append("-")
-                elif ROWS[row].test and ROWS[row].train is not None:
-                    cells.append(f"eval {r['eval_seconds']:.0f} (the model of another row)")
+                elif (ROWS[row].test and ROWS[row].train is not None) or isinstance(ROWS[row], Apart):
+                    cells.append(f"eval {r['eval_seconds']:.0f} (the models of other rows)")
                 elif r.get("train_seconds") is not None:
                     cells.append(f"train {r['train_seconds']:.0f}, eval {r['eval_seconds']:.0f}")
                 else:

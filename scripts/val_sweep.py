@@ -1,7 +1,8 @@
 """Tune a setting on the validation hold-out (never on the test episodes), fold by fold.
 
 For each fold and each value of ``--param``, a training-free method is scored on the validation
-episodes (base classes, queries from the held-out training images, see ``validation_episodes``), and a
+episodes (base classes, queries from the held-out training images, see ``validation_episodes``; or, with
+``--set "data.val_classes=[...]"``, pseudo-novel classes held out of training), and a
 trained method is trained with that value and scored by its best validation mIoU. Every trial is written
 to ``<out>/sweep.json`` and ``<out>/sweep.md`` with its wall time.
 
@@ -45,7 +46,7 @@ def trial(config: str, overrides: list[str], out: Path, checkpoint: str | None =
         episodes = validation_episodes(cfg, bench)
         experts: dict = {}
         metric = evaluate_episodes(
-            *(model, bench.train_source, episodes, bench.split.base, cfg.data.image_size, cpu, store),
+            *(model, bench.train_source, episodes, bench.split.val_classes, cfg.data.image_size, cpu, store),
             progress=False,
             expert_metrics=experts,
         )

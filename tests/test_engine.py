@@ -276,3 +276,73 @@ def test_checkpoint_from_before_head_inputs_loads_as_the_features_layout(tmp_pat
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in trainable_state(model).items())
     with pytest.raises(CheckpointError, match="head_inputs: checkpoint 'features', config 'relations'"):
         load_trained_model(tiny_config(tmp_path), str(tmp_path / "old.pt"), torch.device("cpu"))
+
+
+def _saved_model(tmp_path, name, seed, *extra):
+    """A randomly initialised model of the tiny config saved as a checkpoint: (path, model)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(tmp_path, *extra)
+    model = FewShotSegmenter(cfg.model).eval()
+    path = save_checkpoint(tmp_path / f"{name}.pt", {"model": trainable_state(model), "config": to_dict(cfg)})
+    return path, model
+
+
+def test_assembled_dedn_runs_each_expert_exactly_as_it_was_trained(tmp_path, capsys):
+    obj_path, obj = _saved_model(tmp_path, "object", 1, "model.method=object")
+    scen_path, scen = _saved_model(tmp_path, "scenario", 2, "model.method=scenario")
+    out = tmp_path / "dedn.pt"
+    assert (
+        main(["assemble", "--object", str(obj_path), "--scenario", str(scen_path), "--output", str(out)]) == 0
+    )
+    assert "model.reduce=per_expert" in capsys.readouterr().out
+    cfg = tiny_config(tmp_path, "model.method=dedn", "model.reduce=per_expert", "model.fusion.gate=false")
+    dedn, _ = load_trained_model(cfg, str(out), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    query, supports = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 1, 3, 64, 64, generator=g)
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.long)
+    masks[..., 16:40, 20:44] = 1
+    with torch.no_grad():
+        fused = dedn(query, supports, masks)
+        alone = {"object": obj(query, supports, masks), "scenario": scen(query, supports, masks)}
+    for name in ("object", "scenario"):
+        torch.testing.assert_close(fused["experts"][name], alone[name]["logits"], rtol=0, atol=1e-5)
+    # the two experts differ, so the fused output is neither of them
+    assert not torch.allclose(fused["experts"]["object"], fused["experts"]["scenario"], atol=1e-3)
+    assert fused["probability"].shape == (2, 2, 64, 64)
+    # a config without the assembled layout is refused, naming the setting
+    with pytest.raises(CheckpointError, match="model.reduce"):
+        load_trained_model(tiny_config(tmp_path, "model.fusion.gate=false"), str(out), torch.device("cpu"))
+
+
+def test_assemble_refuses_the_wrong_methods_and_mismatched_models(tmp_path, capsys):
+    obj_path, _ = _saved_model(tmp_path, "object", 1, "model.method=object")
+    scen_path, _ = _saved_model(tmp_path, "scenario", 2, "model.method=scenario")
+    wide_path, _ = _saved_model(tmp_path, "wide", 3, "model.method=scenario", "model.channels=32")
+    out = tmp_path / "dedn.pt"
+    # swapped: the object checkpoint given as the scenario expert
+    assert (
+        main(["assemble", "--object", str(scen_path), "--scenario", str(obj_path), "--output", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "scenario.pt" in err and "model.method = object" in err
+    assert (
+        main(["assemble", "--object", str(obj_path), "--scenario", str(wide_path), "--output", str(out)]) == 2
+    )
+    assert "model.channels: 16 and 32" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_pseudo_novel_validation_uses_only_the_held_out_classes(tmp_path):
+    from dedn.engine.train import validation_episodes
+
+    cfg = tiny_config(tmp_path, "data.val_classes=[6, 7]")
+    bench = build_benchmark(cfg.data, progress=False)
+    assert bench.split.val_classes == [6, 7] and 6 not in bench.split.base
+    episodes = validation_episodes(cfg, bench)
+    assert episodes and {e.class_id for e in episodes} <= {6, 7}
+    # no training image shows a held-out class, so neither a query nor a support of a training episode can
+    trained_on = set(bench.split.train_images)
+    assert not {i for e in episodes for i in (e.query, *e.supports)} & trained_on
+    assert all(p.class_id not in (6, 7) for p in bench.split.train_pairs)
+    with pytest.raises(ConfigError, match=r"data.val_classes = \[3\] \(fold 0\).*not base classes"):
+        build_benchmark(tiny_config(tmp_path, "data.val_classes=[3]").data, progress=False)

@@ -51,6 +51,7 @@ ABLATIONS = {
     "no_confidence": {"fusion__confidence": False},
     "query_features": {"head_inputs": "features"},
     "query_features_gram": {"head_inputs": "features", "scenario__gram_difference": True},
+    "per_expert_reduce": {"reduce": "per_expert"},
 }
 
 

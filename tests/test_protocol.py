@@ -19,6 +19,7 @@ from dedn.data.protocol import (
     Pair,
     disjoint_split,
     eligible_pairs,
+    hold_out_classes,
     holdout_fraction_of,
     pairs_by_class,
     standard_split,
@@ -167,3 +168,27 @@ def test_holdout_is_stable():
         disjoint_split(counts, [1], [2], val_fraction=1.5)
     with pytest.raises(DataError, match="no novel classes"):
         disjoint_split(counts, [], [2])
+
+
+def test_held_out_classes_are_never_trained_on_and_alone_make_validation():
+    counts = {
+        "a": {3: 5000},
+        "b": {3: 5000, 5: 3000},  # shows a held-out class: leaves training with its class-3 pair
+        "c": {5: 3000, 6: 100},  # too little of 6 to be a pair, enough pixels to leave training
+        "d": {6: 100, 4: 4000},
+        "e": {1: 5000},  # novel: a test image
+    }
+    split = disjoint_split(counts, [1], [3, 4, 5, 6], val_fraction=0.5)
+    held = hold_out_classes(split, counts, [5, 6])
+    assert held.base == [3, 4] and held.held_out == [5, 6] and held.val_classes == [5, 6]
+    assert sorted(held.train_images) == ["a"] and sorted(held.val_images) == ["b", "c", "d"]
+    assert held.train_pairs == [Pair("a", 3)]
+    assert held.val_pairs == [Pair("b", 5), Pair("c", 5)]
+    assert held.test_pairs == split.test_pairs == [Pair("e", 1)]
+    assert split.val_classes == split.base == [3, 4, 5, 6]  # without held-out classes: the base classes
+    with pytest.raises(DataError, match=r"validation classes \[1\] are not base classes"):
+        hold_out_classes(split, counts, [1, 5])
+    with pytest.raises(DataError, match="leaves nothing to train on"):
+        hold_out_classes(split, counts, [3, 4, 5, 6])
+    with pytest.raises(DataError, match="no classes to hold out"):
+        hold_out_classes(split, counts, [])

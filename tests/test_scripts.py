@@ -55,6 +55,29 @@ def test_table_runner_trains_once_per_fold_and_scores_every_shot_count(tmp_path)
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
 
 
+def test_trained_apart_row_reuses_the_expert_rows_models_and_scores_them_unchanged(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    rows = ["object", "scenario", "dedn of experts trained apart, AWF"]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--shots", "1"]
+    run_script("pascal_table.py", *args, "--rows", *rows, "--out", str(tmp_path), *sets)
+    # two trainings; the assembled model is made from them, not trained
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert models == ["apart-fold0", "method=object-fold0", "method=scenario-fold0"]
+    records = {r["row"]: r for r in json.loads((tmp_path / "table.json").read_text())}
+    apart = records[rows[2]]
+    assert apart["train_seconds"] == records["object"]["train_seconds"] + records["scenario"]["train_seconds"]
+    results = json.loads(
+        (tmp_path / "eval" / "dedn-of-experts-trained-apart--awf-fold0-1shot" / "results.json").read_text()
+    )
+    # inside the assembled DEDN each expert scores exactly what its own row scored, seed by seed
+    for name in ("object", "scenario"):
+        alone = json.loads((tmp_path / "eval" / f"{name}-fold0-1shot" / "results.json").read_text())[
+            "per_seed"
+        ]
+        inside = [seed["experts"][name]["miou"] for seed in results["per_seed"]]
+        assert inside == [seed["miou"] for seed in alone]
+
+
 def test_validation_sweep_records_every_trial(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     config = str(REPO / "configs" / "synthetic.yaml")

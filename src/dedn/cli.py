@@ -166,6 +166,17 @@ def cmd_predict(args) -> int:
     return 1 if summary.skipped else 0
 
 
+def cmd_assemble(args) -> int:
+    from dedn.engine.checkpoint import assemble_experts, save_checkpoint
+
+    path = save_checkpoint(args.output, assemble_experts(args.object, args.scenario))
+    print(
+        f"DEDN made of {args.object} and {args.scenario}: {path}\n"
+        "score it with --set model.method=dedn --set model.reduce=per_expert --set model.fusion.gate=false"
+    )
+    return 0
+
+
 def cmd_export(args) -> int:
     from dedn.export import export_onnx
     from dedn.predict import Predictor
@@ -301,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    # each expert keeps its own reduction layer, there is no fusion gate: score with AWF, cycle or mean
+    p = sub.add_parser(
+        "assemble", help="make a DEDN checkpoint of an object and a scenario model trained apart"
+    )
+    p.add_argument("--object", required=True, help="checkpoint of a model.method=object model")
+    p.add_argument("--scenario", required=True, help="checkpoint of a model.method=scenario model")
+    p.add_argument("--output", required=True, help="the DEDN checkpoint to write (.pt)")
+    p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("export", help="export a trained model to ONNX")
     p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")

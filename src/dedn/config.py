@@ -47,6 +47,11 @@ class DataConfig:
     min_pixels: int = 2048
     #: fraction of the training images held out for validation episodes (disjoint protocol)
     val_fraction: float = 0.1
+    #: pseudo-novel validation: these base classes (ids, e.g. [6, 7, 8, 9, 10]) are held out of training
+    #: altogether (every image showing one of them leaves the training set) and validation episodes are
+    #: made of them alone, as the test is made of the novel classes. Replaces the random hold-out of
+    #: ``val_fraction``. Null: validation on held-out images of the training classes.
+    val_classes: list[int] | None = None
     #: longer side of the network input (test: resize + pad; train: crop size)
     image_size: int = 160
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -147,6 +152,10 @@ class ModelConfig:
     #: the query's own features, as PFENet does; on small training sets the head then learns to segment
     #: the base classes' salient objects and ignores the support, see docs/results.md)
     head_inputs: str = "relations"
+    #: the 1x1 layer that reduces the frozen mid-level features: shared (one layer, trained by both
+    #: experts) | per_expert (each expert its own; a DEDN made of two separately trained experts, see
+    #: ``dedn assemble``, has this layout)
+    reduce: str = "shared"
     object: ObjectExpertConfig = field(default_factory=ObjectExpertConfig)
     scenario: ScenarioExpertConfig = field(default_factory=ScenarioExpertConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -250,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.novel_in_train": ("keep", "drop"),
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),
     "model.head_inputs": ("relations", "features"),
+    "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
     "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),

@@ -44,7 +44,8 @@ class FewShotSplit:
     """Classes and pairs of one fold.
 
     ``train_pairs`` and ``val_pairs`` are base-class pairs (validation episodes come from ``val_pairs``, so
-    checkpoints are never selected on test episodes); ``test_pairs`` are novel-class pairs. ``protocol``
+    checkpoints are never selected on test episodes; with ``held_out`` classes, ``val_pairs`` are theirs
+    and ``base`` lists only the classes trained on); ``test_pairs`` are novel-class pairs. ``protocol``
     says how it was built ("standard-keep", "standard-drop" or "disjoint").
     """
 
@@ -56,6 +57,14 @@ class FewShotSplit:
     protocol: str = "standard-keep"
     train_images: list[str] = field(default_factory=list)
     val_images: list[str] = field(default_factory=list)
+    #: base classes held out of training as pseudo-novel validation classes (:func:`hold_out_classes`);
+    #: empty when validation uses held-out images of the training classes
+    held_out: list[int] = field(default_factory=list)
+
+    @property
+    def val_classes(self) -> list[int]:
+        """The classes of the validation episodes."""
+        return self.held_out or self.base
 
     @property
     def test_images(self) -> list[str]:
@@ -193,4 +202,42 @@ def disjoint_split(
         protocol="disjoint",
         train_images=train_images,
         val_images=val_images,
+    )
+
+
+def hold_out_classes(
+    split: FewShotSplit, counts: Counts, classes: Sequence[int], min_pixels: int = MIN_PIXELS
+) -> FewShotSplit:
+    """``split`` with some base classes turned into pseudo-novel validation classes.
+
+    Every training or validation image of ``split`` that shows any pixel of ``classes`` leaves training
+    (as a novel class's images do under the disjoint protocol); validation pairs are the eligible pairs of
+    ``classes`` in those images, and training keeps the other base classes. A model can thus be validated
+    on classes it never saw, as it is tested. ``counts``: the class pixel counts of the training images.
+    """
+    held = sorted(set(classes))
+    if not held:
+        raise DataError("no classes to hold out for validation; expected some of the fold's base classes")
+    not_base = [c for c in held if c not in split.base]
+    if not_base:
+        raise DataError(
+            f"validation classes {not_base} are not base classes of this fold (base classes: {split.base})"
+        )
+    kept = [c for c in split.base if c not in held]
+    if not kept:
+        raise DataError("holding out every base class leaves nothing to train on")
+    held_set = set(held)
+    pool = split.train_images + split.val_images
+    val_images = [i for i in pool if held_set & set(counts[i])]
+    train_images = [i for i in pool if not held_set & set(counts[i])]
+    return FewShotSplit(
+        novel=split.novel,
+        base=kept,
+        train_pairs=eligible_pairs({i: counts[i] for i in train_images}, kept, min_pixels),
+        val_pairs=eligible_pairs({i: counts[i] for i in val_images}, held, min_pixels),
+        test_pairs=split.test_pairs,
+        protocol=split.protocol,
+        train_images=train_images,
+        val_images=val_images,
+        held_out=held,
     )

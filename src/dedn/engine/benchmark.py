@@ -10,8 +10,8 @@ from dedn.data.base import SegmentationSource
 from dedn.data.episodes import episode_meta
 from dedn.data.folds import base_classes, novel_classes
 from dedn.data.index import class_pixel_counts
-from dedn.data.protocol import FewShotSplit, disjoint_split, pairs_by_class, standard_split
-from dedn.errors import ConfigError
+from dedn.data.protocol import FewShotSplit, disjoint_split, hold_out_classes, pairs_by_class, standard_split
+from dedn.errors import ConfigError, DataError
 
 __all__ = ["Benchmark", "build_benchmark", "build_source", "pairs_by_class"]
 
@@ -83,7 +83,7 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
         base = base_classes(cfg.benchmark, cfg.fold, convention, class_names=names)
     test_counts = class_pixel_counts(test_source, progress=progress)
     if cfg.protocol == "disjoint":
-        train_source = test_source
+        train_source, train_counts = test_source, test_counts
         split = disjoint_split(test_counts, novel, base, cfg.val_fraction, seed=0, min_pixels=min_pixels)
     else:
         if cfg.train_split is None:
@@ -100,4 +100,9 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             seed=0,
             min_pixels=min_pixels,
         )
+    if cfg.val_classes is not None:
+        try:
+            split = hold_out_classes(split, train_counts, cfg.val_classes, min_pixels)
+        except DataError as e:
+            raise ConfigError(f"data.val_classes = {cfg.val_classes} (fold {cfg.fold}): {e}") from None
     return Benchmark(cfg.benchmark, cfg.fold, train_source, test_source, split, convention)

@@ -6,6 +6,7 @@ checkpoint is small; loading checks that the checkpoint was made for the same mo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 from pathlib import Path
@@ -98,3 +99,60 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 def file_sha256(path: str | Path) -> str:
     return hash_file(path, hashlib.sha256()).hexdigest()
+
+
+#: model settings the two experts of an assembled DEDN may differ in: their own expert's settings, and
+#: what assembling sets (the method, the reduction layout, the fusion)
+_ASSEMBLE_KEYS_FREE = ("model.method", "model.reduce", "model.weights")
+_ASSEMBLE_PREFIXES_FREE = ("model.object.", "model.scenario.", "model.fusion.", "model.baseline.")
+
+
+def assemble_experts(object_path: str | Path, scenario_path: str | Path) -> dict[str, Any]:
+    """A DEDN checkpoint made of an ``object`` model and a ``scenario`` model trained apart.
+
+    Each expert keeps its own reduction layer (``model.reduce = per_expert``); there is no trained fusion
+    gate (``model.fusion.gate = false``), so the result is scored with AWF (the default), cycle or mean.
+    The two checkpoints must agree on every other model setting (backbone, levels, channels, ...).
+    """
+    parts = {}
+    for method, path in (("object", object_path), ("scenario", scenario_path)):
+        state = load_checkpoint(path)
+        cfg = checkpoint_config(state, path)
+        if cfg.model.method != method:
+            raise CheckpointError(
+                f"{path}: expected a model trained with model.method = {method}, got {cfg.model.method}"
+            )
+        parts[method] = (Path(path), state, cfg)
+    flat = {m: flatten(to_dict(cfg.model), "model") for m, (_, _, cfg) in parts.items()}
+    diff = [
+        k
+        for k in flat["object"]
+        if k not in _ASSEMBLE_KEYS_FREE
+        and not k.startswith(_ASSEMBLE_PREFIXES_FREE)
+        and flat["object"][k] != flat["scenario"].get(k)
+    ]
+    if diff:
+        detail = "; ".join(f"{k}: {flat['object'][k]!r} and {flat['scenario'].get(k)!r}" for k in diff[:6])
+        raise CheckpointError(
+            f"{object_path} and {scenario_path} were trained with different model settings ({detail})"
+        )
+    cfg = copy.deepcopy(parts["object"][2])
+    cfg.model.method = "dedn"
+    cfg.model.reduce = "per_expert"
+    cfg.model.scenario = parts["scenario"][2].model.scenario
+    cfg.model.fusion.gate = False
+    model: dict[str, torch.Tensor] = {}
+    for method, (path, state, part_cfg) in parts.items():
+        shared = part_cfg.model.reduce == "shared"
+        for key, value in state["model"].items():
+            if key.startswith("reduce.") and shared:
+                key = f"reduce.{method}.{key[len('reduce.') :]}"
+            if not key.startswith((f"reduce.{method}.", f"experts.{method}.")):
+                raise CheckpointError(f"{path}: unexpected weight '{key}' in a {method} model")
+            model[key] = value
+    return {
+        "model": model,
+        "config": to_dict(cfg),
+        "assembled_from": {m: {"path": str(p), "sha256": file_sha256(p)} for m, (p, _, _) in parts.items()},
+        "version": 1,
+    }

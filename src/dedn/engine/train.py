@@ -136,7 +136,8 @@ class FeatureEpisodes:
 
 
 def validation_episodes(cfg: Config, bench: Benchmark) -> list:
-    """The validation episodes of a run: base classes, queries from the held-out training images.
+    """The validation episodes of a run: base classes, queries from the held-out training images (or,
+    with ``data.val_classes``, the pseudo-novel classes held out of training).
 
     Supports may also come from training images, so that a base class with a single held-out image
     still forms episodes. These (never the test episodes) select checkpoints and tune settings."""
@@ -297,7 +298,7 @@ class Trainer:
             self.model,
             self.bench.train_source,
             self.val_episodes,
-            self.bench.split.base,
+            self.bench.split.val_classes,
             self.cfg.data.image_size,
             self.device,
             self.val_cache,

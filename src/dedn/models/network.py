@@ -60,8 +60,17 @@ class FewShotSegmenter(nn.Module):
             return
         mid_channels = sum(info[n].channels for n in self.mid_levels)
         c = cfg.channels
-        self.reduce = nn.Sequential(
-            nn.Conv2d(mid_channels, c, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(cfg.dropout)
+
+        def reduction() -> nn.Module:
+            return nn.Sequential(
+                nn.Conv2d(mid_channels, c, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(cfg.dropout)
+            )
+
+        names = [e for e in ("object", "scenario") if self.method in ("dedn", e)]
+        # shared: one module; per_expert: one per expert, keyed by its name (created before the experts,
+        # so that a seed initialises the shared layout as it always did)
+        self.reduce: nn.Module = (
+            reduction() if cfg.reduce == "shared" else nn.ModuleDict({name: reduction() for name in names})
         )
         self.experts = nn.ModuleDict()
         high_channels = [info[n].channels for n in self.high_levels]
@@ -181,15 +190,24 @@ class FewShotSegmenter(nn.Module):
     def _expert_outputs(self, query, supports, fg, bg, only: str | None = None) -> dict:
         """Each expert's logits at the feature grid (``only``: that expert alone)."""
         b, k = fg.shape[:2]
-        fq = self.reduce(query["mid"])
-        fs = self.reduce(supports["mid"].flatten(0, 1))
-        fs = fs.view(b, k, *fs.shape[1:])
+        reduced: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+        def features(expert: str) -> tuple[Tensor, Tensor]:
+            """The reduced query (B, C, h, w) and support (B, K, C, h, w) features that ``expert`` sees."""
+            layer = self.reduce if isinstance(self.reduce, nn.Sequential) else self.reduce[expert]
+            if layer not in reduced:
+                fs = layer(supports["mid"].flatten(0, 1))
+                reduced[layer] = (layer(query["mid"]), fs.view(b, k, *fs.shape[1:]))
+            return reduced[layer]
+
         out: dict = {"experts": {}, "aux": {"support_fg": fg, "support_bg": bg}}
         if "object" in self.experts and only in (None, "object"):
+            fq, fs = features("object")
             o = self.experts["object"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["object"] = o["logits"]
             out["aux"].update({key: v for key, v in o.items() if key != "logits"})
         if "scenario" in self.experts and only in (None, "scenario"):
+            fq, fs = features("scenario")
             s = self.experts["scenario"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["scenario"] = s["logits"]
             out["aux"]["evidence"] = s["evidence"]
