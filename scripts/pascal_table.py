@@ -72,6 +72,8 @@ ABLATIONS = {
     "dedn w/o contrastive term": Row(["model.method=dedn", "loss.contrast.weight=0"]),
     "dedn w/o positive-guided KL": Row(["model.method=dedn", "loss.distill.mode=off"]),
     "dedn w/o fused CE": Row(["model.method=dedn", "loss.fused_ce=0"]),
+    # the experts are then trained by their own losses only, coupled through the shared reduction layer
+    "dedn w/o KL and fused CE": Row(["model.method=dedn", "loss.distill.mode=off", "loss.fused_ce=0"]),
     "dedn, one reduction layer per expert": Row(["model.method=dedn", "model.reduce=per_expert"]),
     # test-time: the DEDN model of the fold, fused by plain averaging
     "dedn, plain averaging instead of AWF": Row(["model.method=dedn"], ["model.fusion.mode=mean"]),
