@@ -73,15 +73,22 @@ def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
         ) from None
 
 
+def _model_differences(
+    a: Config, b: Config, keys_ignored: tuple[str, ...], prefixes_ignored: tuple[str, ...]
+) -> tuple[list[str], dict, dict]:
+    """The flattened model settings (``model.x.y``) on which ``a`` and ``b`` differ, except the ignored
+    ones, and both flattened settings."""
+    fa = flatten(to_dict(a.model), "model")
+    fb = flatten(to_dict(b.model), "model")
+    diff = [
+        k for k in fa if k not in keys_ignored and not k.startswith(prefixes_ignored) and fa[k] != fb.get(k)
+    ]
+    return diff, fa, fb
+
+
 def check_compatible(saved: Config, current: Config, path: str | Path) -> None:
     """Raise if the checkpoint's model settings differ from the current config's."""
-    a = flatten(to_dict(saved.model), "model")
-    b = flatten(to_dict(current.model), "model")
-    diff = [
-        k
-        for k in a
-        if k not in _MODEL_KEYS_IGNORED and not k.startswith(_MODEL_PREFIXES_IGNORED) and a[k] != b.get(k)
-    ]
+    diff, a, b = _model_differences(saved, current, _MODEL_KEYS_IGNORED, _MODEL_PREFIXES_IGNORED)
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a[k]!r}, config {b.get(k)!r}" for k in diff[:6])
         raise CheckpointError(
@@ -123,16 +130,11 @@ def assemble_experts(object_path: str | Path, scenario_path: str | Path) -> dict
                 f"{path}: expected a model trained with model.method = {method}, got {cfg.model.method}"
             )
         parts[method] = (Path(path), state, cfg)
-    flat = {m: flatten(to_dict(cfg.model), "model") for m, (_, _, cfg) in parts.items()}
-    diff = [
-        k
-        for k in flat["object"]
-        if k not in _ASSEMBLE_KEYS_FREE
-        and not k.startswith(_ASSEMBLE_PREFIXES_FREE)
-        and flat["object"][k] != flat["scenario"].get(k)
-    ]
+    diff, a, b = _model_differences(
+        parts["object"][2], parts["scenario"][2], _ASSEMBLE_KEYS_FREE, _ASSEMBLE_PREFIXES_FREE
+    )
     if diff:
-        detail = "; ".join(f"{k}: {flat['object'][k]!r} and {flat['scenario'].get(k)!r}" for k in diff[:6])
+        detail = "; ".join(f"{k}: {a[k]!r} and {b.get(k)!r}" for k in diff[:6])
         raise CheckpointError(
             f"{object_path} and {scenario_path} were trained with different model settings ({detail})"
         )
