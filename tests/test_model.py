@@ -489,3 +489,17 @@ def test_cycle_scores_judge_each_expert_by_its_own_query_prediction():
         out = model(query, supports, masks)
     torch.testing.assert_close(out["support_scores"], scores)
     assert torch.isfinite(out["probability"]).all()
+
+
+@pytest.mark.parametrize("reduce", ["shared", "per_expert"])
+def test_reduction_runs_on_the_query_before_the_supports(reduce):
+    """Dropout draws its masks in call order, so this order fixes what a training seed produces."""
+    torch.manual_seed(0)
+    model = FewShotSegmenter(ModelConfig(backbone="toy", weights=None, channels=16, reduce=reduce)).train()
+    layers = [model.reduce] if reduce == "shared" else list(model.reduce.values())
+    calls = []
+    for layer in layers:
+        layer.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    query, supports, masks, _ = episode(b=2, k=3)
+    model(query, supports, masks)
+    assert calls[:2] == [2, 6]  # the query batch, then the 2 x 3 supports

@@ -196,8 +196,9 @@ class FewShotSegmenter(nn.Module):
             """The reduced query (B, C, h, w) and support (B, K, C, h, w) features that ``expert`` sees."""
             layer = self.reduce if isinstance(self.reduce, nn.Sequential) else self.reduce[expert]
             if layer not in reduced:
+                fq = layer(query["mid"])  # query first: the order in which dropout draws its masks
                 fs = layer(supports["mid"].flatten(0, 1))
-                reduced[layer] = (layer(query["mid"]), fs.view(b, k, *fs.shape[1:]))
+                reduced[layer] = (fq, fs.view(b, k, *fs.shape[1:]))
             return reduced[layer]
 
         out: dict = {"experts": {}, "aux": {"support_fg": fg, "support_bg": bg}}
