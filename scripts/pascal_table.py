@@ -7,7 +7,9 @@ A test-time ablation (plain averaging instead of AWF) scores the DEDN model of i
 fusion; it needs no training of its own. The "trained apart" rows assemble the fold's ``object`` and
 ``scenario`` models into one DEDN (``dedn assemble``) and score it; no training of their own either.
 Wall times are recorded per run. Results are collected into
-``<out>/table.md`` and ``<out>/table.json``; a run whose output already exists is not repeated, so
+``<out>/table.md`` and ``<out>/table.json``; ``table.md`` also lists, for every row with a two-expert
+model, each expert and each other fusion of that model scored from the same forward pass (``dedn eval``
+scores them all). A run whose output already exists is not repeated, so
 several invocations (e.g. one per fold, in parallel) can share ``--out``.
 
     python scripts/pascal_table.py --folds 0 --shots 1                 # one fold, 1-shot, main methods
@@ -182,6 +184,8 @@ def read_record(name: str, fold: int, shots: int, out: Path) -> dict:
     record["miou"] = results["summary"]["miou"]
     record["fbiou"] = results["summary"]["fbiou"]
     record["settings"] = results["settings"]
+    # a DEDN's experts and its other fusions, scored alone from the same forward pass
+    record["parts"] = {name: part["miou"] for name, part in results.get("experts", {}).items()}
     return record
 
 
@@ -229,6 +233,7 @@ def table(records: list[dict]) -> str:
             fb = f"{100 * sum(fbs) / len(fbs):.1f}" if len(fbs) == len(folds) else "-"
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} | {fb} |")
         lines.append("")
+    lines += parts_table(records, folds)
     lines += [
         "### Wall time per fold (s; training once per fold, evaluation per shot count)",
         "",
@@ -252,6 +257,46 @@ def table(records: list[dict]) -> str:
                     cells.append(f"eval {r['eval_seconds']:.0f}")
             lines.append(f"| {row} | {shots} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def part_label(name: str) -> str:
+    """``object`` -> its object expert alone; ``fusion=mean`` -> fused by mean (``dedn eval``'s names)."""
+    if name.startswith("fusion="):
+        return f"fused by {name.split('=', 1)[1]}"
+    return f"its {name} expert alone"
+
+
+def parts_table(records: list[dict], folds: list[int]) -> list[str]:
+    """The rows with a two-expert model: each expert and each other fusion of that model, scored alone
+    from the same forward pass (``dedn eval`` scores them all), next to the row's own output."""
+    lines = []
+    for shots in sorted({r["shots"] for r in records}):
+        found = [r for r in records if r["shots"] == shots]
+        rows = list(dict.fromkeys(r["row"] for r in found if r.get("parts")))
+        if not rows:
+            continue
+        lines += [
+            f"### {shots}-shot: each model's experts and fusions, scored from the same pass (mIoU %)",
+            "",
+            "| method | scored as | " + " | ".join(f"fold {f}" for f in folds) + " | mean |",
+            "|---|---|" + "---|" * (len(folds) + 1),
+        ]
+        for row in rows:
+            mine = [r for r in found if r["row"] == row]
+            names = ["the row's output", *dict.fromkeys(n for r in mine for n in r.get("parts", {}))]
+            for name in names:
+                label = name if name == names[0] else part_label(name)
+                cells, means = [], []
+                for f in folds:
+                    r = next((r for r in mine if r["fold"] == f), None)
+                    score = None if r is None else r["miou"] if name == names[0] else r["parts"].get(name)
+                    cells.append("-" if score is None else cell(score))
+                    if score is not None:
+                        means.append(score["mean"])
+                mean = f"{100 * sum(means) / len(means):.1f}" if len(means) == len(folds) else "-"
+                lines.append(f"| {row} | {label} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append("")
+    return lines
 
 
 def main() -> None:

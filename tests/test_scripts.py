@@ -49,6 +49,16 @@ def test_table_runner_trains_once_per_fold_and_scores_every_shot_count(tmp_path)
         assert len(files) == 1
     table = (tmp_path / "table.md").read_text()
     assert "### 2-shot" in table and "| proto |" in table and "Wall time" in table
+    # the DEDN rows also list each expert and fusion of their model, from the record of the same pass;
+    # the training-free row has no parts
+    dedn_1shot = next(r for r in records if r["row"] == "dedn" and r["shots"] == 1)
+    results = json.loads((tmp_path / "eval" / "dedn-fold0-1shot" / "results.json").read_text())
+    assert set(dedn_1shot["parts"]) == {"object", "scenario", "fusion=mean", "fusion=gate"}
+    assert dedn_1shot["parts"] == {n: part["miou"] for n, part in results["experts"].items()}
+    assert all(not r["parts"] for r in records if r["row"] == "proto")
+    parts = table.split("experts and fusions", 1)[1].split("Wall time", 1)[0]
+    assert "| dedn | its object expert alone |" in parts and "| dedn | fused by mean |" in parts
+    assert "| proto |" not in parts
     # a second call repeats nothing: the results are only collected again
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
     run_script("pascal_table.py", *args, "--rows", *rows, "--out", str(tmp_path), *sets)
