@@ -207,6 +207,13 @@ def cell(score: dict) -> str:
     return f"{100 * score['mean']:.1f} (1 seed)"
 
 
+def fold_cells(scores: list[dict | None]) -> tuple[list[str], str]:
+    """One score (or None: not run) per fold -> the cells and the mean over the folds ("-" unless all ran)."""
+    cells = ["-" if s is None else cell(s) for s in scores]
+    ran = [s["mean"] for s in scores if s is not None]
+    return cells, f"{100 * sum(ran) / len(ran):.1f}" if ran and len(ran) == len(scores) else "-"
+
+
 def table(records: list[dict]) -> str:
     folds = sorted({r["fold"] for r in records})
     lines = []
@@ -218,19 +225,12 @@ def table(records: list[dict]) -> str:
             "|---|" + "---|" * (len(folds) + 2),
         ]
         for row in dict.fromkeys(r["row"] for r in records if r["shots"] == shots):
-            cells, means, fbs = [], [], []
-            for f in folds:
-                r = next(
-                    (r for r in records if r["row"] == row and r["fold"] == f and r["shots"] == shots), None
-                )
-                if r is None:
-                    cells.append("-")
-                    continue
-                cells.append(cell(r["miou"]))
-                means.append(r["miou"]["mean"])
-                fbs.append(r["fbiou"]["mean"])
-            mean = f"{100 * sum(means) / len(means):.1f}" if len(means) == len(folds) else "-"
-            fb = f"{100 * sum(fbs) / len(fbs):.1f}" if len(fbs) == len(folds) else "-"
+            found = [
+                next((r for r in records if r["row"] == row and r["fold"] == f and r["shots"] == shots), None)
+                for f in folds
+            ]
+            cells, mean = fold_cells([r and r["miou"] for r in found])
+            _, fb = fold_cells([r and r["fbiou"] for r in found])
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {mean} | {fb} |")
         lines.append("")
     lines += parts_table(records, folds)
@@ -286,14 +286,13 @@ def parts_table(records: list[dict], folds: list[int]) -> list[str]:
             names = ["the row's output", *dict.fromkeys(n for r in mine for n in r.get("parts", {}))]
             for name in names:
                 label = name if name == names[0] else part_label(name)
-                cells, means = [], []
+                scores = []
                 for f in folds:
                     r = next((r for r in mine if r["fold"] == f), None)
-                    score = None if r is None else r["miou"] if name == names[0] else r["parts"].get(name)
-                    cells.append("-" if score is None else cell(score))
-                    if score is not None:
-                        means.append(score["mean"])
-                mean = f"{100 * sum(means) / len(means):.1f}" if len(means) == len(folds) else "-"
+                    scores.append(
+                        None if r is None else r["miou"] if name == names[0] else r["parts"].get(name)
+                    )
+                cells, mean = fold_cells(scores)
                 lines.append(f"| {row} | {label} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
     return lines
