@@ -9,8 +9,9 @@ fusion; it needs no training of its own. The "trained apart" rows assemble the f
 Wall times are recorded per run. Results are collected into
 ``<out>/table.md`` and ``<out>/table.json``; ``table.md`` also lists, for every row with a two-expert
 model, each expert and each other fusion of that model scored from the same forward pass (``dedn eval``
-scores them all). A run whose output already exists is not repeated, so
-several invocations (e.g. one per fold, in parallel) can share ``--out``.
+scores them all). A run whose output already exists is not repeated (a trained model is reused only
+if it was trained with the settings its row resolves to now; otherwise the script stops and says how
+they differ), so several invocations (e.g. one per fold, in parallel) can share ``--out``.
 
     python scripts/pascal_table.py --folds 0 --shots 1                 # one fold, 1-shot, main methods
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 5         # the main table
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dedn.config import ConfigError, flatten, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
@@ -109,14 +112,41 @@ def flags(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+#: settings that do not change a trained model (dotted keys, or prefixes ending in a dot)
+NOT_TRAINED = ("name", "output_dir", "device", "eval.")
+
+
+def changed_settings(run: Path, sets: list[str], config: Path) -> list[str]:
+    """How the model trained in ``run`` differs from ``config`` + ``sets`` as resolved today (say, after a
+    default changed): one ``key: trained -> asked`` line per setting; empty when it is the same model."""
+    try:
+        trained = flatten(to_dict(load_config(run / "config.yaml")))
+        asked = flatten(to_dict(load_config(config, sets)))
+    except ConfigError as e:
+        raise SystemExit(f"{run}: cannot compare the trained model with its row ({e})") from None
+    keys = sorted(k for k in trained.keys() | asked.keys() if not k.startswith(NOT_TRAINED))
+    return [f"{k}: {trained.get(k)} -> {asked.get(k)}" for k in keys if trained.get(k) != asked.get(k)]
+
+
 def train_model(
     overrides: list[str], fold: int, out: Path, extra: list[str], config: Path = CONFIG
 ) -> tuple[Path, float | None]:
-    """Train (once) the model of ``overrides`` on ``fold``: -> its best checkpoint, training seconds."""
+    """Train (once) the model of ``overrides`` on ``fold``: -> its best checkpoint, training seconds.
+
+    A model trained earlier is reused only if it was trained with the settings the row resolves to now.
+    """
     run = out / "models" / f"{slug(overrides)}-fold{fold}"
     times = run / "times.json"
-    if not times.exists():
-        sets = [*overrides, f"data.fold={fold}", f"data.shots={TRAIN_SHOTS}", *extra]
+    sets = [*overrides, f"data.fold={fold}", f"data.shots={TRAIN_SHOTS}", *extra]
+    if times.exists():
+        changed = changed_settings(run, sets, config)
+        if changed:
+            raise SystemExit(
+                f"{run} was trained with other settings than this row asks for now:\n  "
+                + "\n  ".join(changed)
+                + "\nMove that folder away to train the row again, or use another --out."
+            )
+    else:
         seconds = dedn("train", str(config), "--quiet", "--output", str(run), *flags(sets))
         times.write_text(json.dumps({"train_seconds": seconds, "overrides": sets}, indent=2))
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]

@@ -63,6 +63,16 @@ def test_table_runner_trains_once_per_fold_and_scores_every_shot_count(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
     run_script("pascal_table.py", *args, "--rows", *rows, "--out", str(tmp_path), *sets)
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
+    # a row whose settings changed since its model was trained (here the learning rate, as after a change
+    # of default) is not scored with that model: the script stops, names the folder and the difference
+    changed = [*args, "--rows", "dedn", "--out", str(tmp_path), *sets, "--set", "train.lr=0.5"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pascal_table.py"), *changed], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "method=dedn-fold0 was trained with other settings" in done.stderr
+    assert "train.lr: " in done.stderr and "-> 0.5" in done.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
 
 
 def test_trained_apart_row_reuses_the_expert_rows_models_and_scores_them_unchanged(tmp_path):
