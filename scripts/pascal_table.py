@@ -86,6 +86,8 @@ ABLATIONS = {
     # the experts trained apart (the object and scenario rows' models), fused at test time only; its
     # evaluation also scores plain averaging and each expert from the same pass
     "dedn of experts trained apart, AWF": Apart("awf"),
+    # the two readings of "positive-guided", each named whatever the default is
+    "dedn, PKL correct-teacher": Row(["model.method=dedn", "loss.distill.mode=correct"]),
     "dedn, PKL foreground-only": Row(["model.method=dedn", "loss.distill.mode=foreground"]),
     # the earlier design: both heads also see the query's own features (PFENet's layout)
     "dedn, heads also see the query features": Row(["model.method=dedn", "model.head_inputs=features"]),

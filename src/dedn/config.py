@@ -168,9 +168,10 @@ class DistillConfig:
 
     weight: float = 1.0
     temperature: float = 1.0
-    #: correct (teacher = expert more confident in the label, counted where it is right) | foreground
-    #: (the same, restricted to ground-truth foreground pixels) | off (independent experts)
-    mode: str = "correct"
+    #: foreground (teacher = the expert more confident in the label, counted where it is right, on
+    #: ground-truth foreground pixels only) | correct (the same on every labelled pixel) | off (independent
+    #: experts). Foreground was chosen on base-class validation (docs/results.md, round 4).
+    mode: str = "foreground"
 
 
 @dataclass
