@@ -80,10 +80,21 @@ def run_one(setting: str, shots: int, episodes: int, batch: int) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     args = (model, bench.test_source, eps, bench.split.novel, cfg.data.image_size, device)
+    # warm-up (CUDA context, cuDNN's algorithm choice, first allocations), outside both timings
+    evaluate_episodes(
+        model, bench.test_source, eps[:5], bench.split.novel, cfg.data.image_size, device, progress=False
+    )
+    sync()
     for name, cache in (("cached", FeatureCache()), ("uncached", None)):
         start = time.perf_counter()
         metric = evaluate_episodes(*args, cache=cache, progress=False)
+        sync()
         result[f"eval_{name}_eps"] = episodes / (time.perf_counter() - start)
         result[f"miou_{name}"] = metric.compute()["miou"]
     # one training step on images (backbone forward + heads + backward) and on cached features
@@ -107,14 +118,14 @@ def run_one(setting: str, shots: int, episodes: int, batch: int) -> dict:
 
     for name, inputs in (("images", (query, supports, masks)), ("features", (qf, sf, masks, (s, s)))):
         step(inputs)  # warm-up
+        sync()
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         before = peak_rss_mib()
         start = time.perf_counter()
         step(inputs)
+        sync()
         if device.type == "cuda":
-            torch.cuda.synchronize()
             result[f"train_{name}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             result[f"train_{name}_peak_mib"] = peak_rss_mib()
@@ -164,9 +175,11 @@ def main() -> None:
         f"\ndata: {rows[0]['data']}, device: {rows[0]['device']}, torch threads: {rows[0]['threads']}, "
         f"training batch {args.batch}\n"
     )
+    # the training step's peak: memory allocated on the GPU under CUDA, the process's resident set on a CPU
+    memory = "peak GPU memory (MiB)" if rows[0]["device"].startswith("cuda") else "peak RSS (MiB)"
     print(
         "| setting | shots | episodes (unique images) | eval ep/s cached | eval ep/s uncached | speed-up | "
-        "train step on images (s) | peak RSS (MiB) | train step on cached features (s) |"
+        f"train step on images (s) | {memory} | train step on cached features (s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -15,6 +15,7 @@ from dedn.config import load_config, to_dict
 from dedn.data.episodes import sample_test_episodes
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from dedn.engine.distributed import resolve_device
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache
 from dedn.engine.train import Trainer
@@ -196,6 +197,28 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
         load_config(None, ["train.negative_episodes=1.0"])
 
 
+def test_an_unusable_device_is_a_clear_error(capsys, monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'gpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    with pytest.raises(ConfigError, match="'mps': only cpu and cuda"):
+        resolve_device("mps")
+    # past the last GPU where there is CUDA, no CUDA at all where there is none: either way named
+    with pytest.raises(ConfigError, match="'cuda:64'"):
+        resolve_device("cuda:64")
+    # CUDA without an index is the process's own GPU under torchrun, which needs one GPU per process
+    monkeypatch.setenv("LOCAL_RANK", "64")
+    with pytest.raises(ConfigError, match="process 64|no CUDA device"):
+        resolve_device("cuda")
+    if torch.cuda.is_available():
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert main(["eval", "--set", "model.method=proto", "--set", "device=cuda:64"]) == 2
+    assert "device 'cuda:64'" in capsys.readouterr().err
+
+
 def _torchrun(args, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     cmd = [
@@ -230,7 +253,8 @@ def _torchrun(args, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_training_and_sharded_evaluation(tmp_path):
-    sets = [a for s in TINY for a in ("--set", s)]
+    # the CPU (gloo) path, also on a machine with a single GPU, where "auto" would refuse a second process
+    sets = [a for s in [*TINY, "device=cpu"] for a in ("--set", s)]
     _torchrun(
         ["train", "--quiet", "--output", str(tmp_path / "ddp"), *sets, "--set", "train.steps=3"], tmp_path
     )

@@ -361,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic benchmark")
     p.add_argument("--output", default="runs/demo", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: the README's figures were made there), cuda, cuda:1 or auto",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=lambda a: __import__("dedn.demo", fromlist=["main"]).main(a))
     return parser

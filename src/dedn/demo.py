@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from dedn.config import load_config
+from dedn.engine.distributed import resolve_device
 
 #: the demo's settings, on top of the defaults of dedn.config (which are the synthetic benchmark's)
 DEMO_OVERRIDES = [
@@ -50,7 +49,7 @@ def main(args) -> int:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(None, overrides)
     progress = not args.quiet
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
     start = time.perf_counter()
 
     print(f"[1/3] synthetic benchmark (seed {cfg.data.synthetic.seed}), fold {cfg.data.fold}")
@@ -58,7 +57,10 @@ def main(args) -> int:
     names = [bench.test_source.class_names[c - 1] for c in bench.split.novel]
     print(f"      novel classes {names}; {bench.split.summary()}")
 
-    print(f"[2/3] training DEDN for {cfg.train.steps} steps ({cfg.model.backbone}, ImageNet weights, frozen)")
+    print(
+        f"[2/3] training DEDN for {cfg.train.steps} steps ({cfg.model.backbone}, ImageNet weights, "
+        f"frozen) on {device}"
+    )
     trainer = Trainer(cfg, output / "dedn", device, progress=progress, bench=bench)
     trainer.fit()
     print(

@@ -41,6 +41,7 @@ from PIL import Image, ImageOps
 
 from dedn.data.base import IGNORE_INDEX
 from dedn.data.transforms import PAD_RGB, TestTransform, restore_logits
+from dedn.engine.distributed import resolve_device
 from dedn.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
@@ -421,12 +422,6 @@ def _as_list(x: Any) -> list:
     if isinstance(x, np.ndarray | torch.Tensor) and x.ndim == 4 and x.shape[0] > 1:
         return list(x)  # a stack of K images
     return [x]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Predictor:

@@ -35,13 +35,46 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present (one device per local rank under torchrun), else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device named in the config: ``auto`` (or None) is CUDA where present, else the CPU.
+
+    CUDA without an index means this process's GPU, ``cuda:LOCAL_RANK`` (one GPU per process under
+    torchrun, ``cuda:0`` otherwise). A device that cannot be used here (a malformed name, CUDA on a machine
+    without it, a GPU index past the last one, more torchrun processes than GPUs) raises
+    :class:`~dedn.errors.ConfigError` naming it, rather than failing later inside torch.
+    """
+    from dedn.errors import ConfigError
+
+    if name is None or str(name) == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}': expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device '{name}': only cpu and cuda are supported")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"device '{name}': no CUDA device is available here (torch {torch.__version__}); "
+            "use device=cpu or auto"
+        )
+    if device.index is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= count:
+            raise ConfigError(
+                f"device '{name}': torchrun started process {local_rank} on this machine, which has "
+                f"{count} CUDA device(s); start at most one process per GPU (--nproc_per_node {count}) "
+                "or set device=cpu"
+            )
+        return torch.device("cuda", local_rank)
+    if device.index >= count:
+        raise ConfigError(
+            f"device '{name}': this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    return device
 
 
 def barrier(info: DistInfo) -> None:
