@@ -3,6 +3,8 @@
 Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to it. A trained row is
 trained once per fold with ``dedn train`` (1-shot episodes) and that model is scored with ``dedn eval`` at
 every shot count, on the same episode files as every other row (one per fold, shot count and seed).
+With ``--train-shots test`` a model is trained per shot count instead, on episodes with that many
+supports (as PFENet and BAM train their 5-shot models); one ``--out`` holds models trained one way only.
 A test-time ablation (plain averaging instead of AWF) scores the DEDN model of its fold with another
 fusion; it needs no training of its own. The "trained apart" rows assemble the fold's ``object`` and
 ``scenario`` models into one DEDN (``dedn assemble``) and score it; no training of their own either.
@@ -16,6 +18,7 @@ they differ), so several invocations (e.g. one per fold, in parallel) can share 
     python scripts/pascal_table.py --folds 0 --shots 1                 # one fold, 1-shot, main methods
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 5         # the main table
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 --ablations
+    python scripts/pascal_table.py --shots 5 --train-shots test --out runs/pascal-table-5shot  # 5-shot models
     python scripts/pascal_table.py --collect                           # only rebuild table.md
 """
 
@@ -32,7 +35,8 @@ from dedn.config import ConfigError, flatten, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
-#: every trained model is trained on 1-shot episodes and scored at 1 and 5 shots
+#: by default every trained model is trained on 1-shot episodes and scored at 1 and 5 shots;
+#: ``--train-shots test`` trains one model per shot count instead (as PFENet and BAM do)
 TRAIN_SHOTS = 1
 
 
@@ -131,15 +135,22 @@ def changed_settings(run: Path, sets: list[str], config: Path) -> list[str]:
 
 
 def train_model(
-    overrides: list[str], fold: int, out: Path, extra: list[str], config: Path = CONFIG
+    overrides: list[str],
+    fold: int,
+    out: Path,
+    extra: list[str],
+    config: Path = CONFIG,
+    shots: int = TRAIN_SHOTS,
 ) -> tuple[Path, float | None]:
-    """Train (once) the model of ``overrides`` on ``fold``: -> its best checkpoint, training seconds.
+    """Train (once) the model of ``overrides`` on ``fold`` with ``shots``-shot episodes: -> its best
+    checkpoint, training seconds (validation then also uses ``shots`` supports).
 
     A model trained earlier is reused only if it was trained with the settings the row resolves to now.
     """
-    run = out / "models" / f"{slug(overrides)}-fold{fold}"
+    suffix = "" if shots == TRAIN_SHOTS else f"-train{shots}shot"
+    run = out / "models" / f"{slug(overrides)}-fold{fold}{suffix}"
     times = run / "times.json"
-    sets = [*overrides, f"data.fold={fold}", f"data.shots={TRAIN_SHOTS}", *extra]
+    sets = [*overrides, f"data.fold={fold}", f"data.shots={shots}", *extra]
     if times.exists():
         changed = changed_settings(run, sets, config)
         if changed:
@@ -154,10 +165,13 @@ def train_model(
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 
-def assemble_model(fold: int, out: Path, extra: list[str], config: Path = CONFIG) -> Path:
+def assemble_model(
+    fold: int, out: Path, extra: list[str], config: Path = CONFIG, shots: int = TRAIN_SHOTS
+) -> Path:
     """The DEDN of the fold's object and scenario models trained apart (each trained if needed)."""
-    parts = {name: train_model(sets, fold, out, extra, config) for name, sets in Apart.PARTS.items()}
-    run = out / "models" / f"apart-fold{fold}"
+    parts = {name: train_model(sets, fold, out, extra, config, shots) for name, sets in Apart.PARTS.items()}
+    suffix = "" if shots == TRAIN_SHOTS else f"-train{shots}shot"
+    run = out / "models" / f"apart-fold{fold}{suffix}"
     ckpt = run / "checkpoints" / "best.pt"
     times = run / "times.json"
     if not times.exists():
@@ -183,16 +197,24 @@ def eval_dir(out: Path, name: str, fold: int, shots: int) -> Path:
 
 
 def run_row(
-    name: str, row: Row, fold: int, shots: int, out: Path, extra: list[str], config: Path = CONFIG
+    name: str,
+    row: Row,
+    fold: int,
+    shots: int,
+    out: Path,
+    extra: list[str],
+    config: Path = CONFIG,
+    train_shots: int = TRAIN_SHOTS,
 ) -> dict:
-    """Train the row's model if needed, score it on the fold's episodes if needed; -> its record."""
+    """Train the row's model (on ``train_shots``-shot episodes) if needed, score it on the fold's
+    ``shots``-shot episodes if needed; -> its record."""
     checkpoint: list[str] = []
     sets = [*(row.train or []), *row.test, f"data.fold={fold}", f"data.shots={shots}", *extra]
     if row.train is not None:
-        ckpt, _ = train_model(row.train, fold, out, extra, config)
+        ckpt, _ = train_model(row.train, fold, out, extra, config, train_shots)
         checkpoint = ["--checkpoint", str(ckpt)]
     elif isinstance(row, Apart):
-        checkpoint = ["--checkpoint", str(assemble_model(fold, out, extra, config))]
+        checkpoint = ["--checkpoint", str(assemble_model(fold, out, extra, config, train_shots))]
     run = eval_dir(out, name, fold, shots)
     if not (run / "times.json").exists():
         eval_sets = [*sets, f"eval.episode_dir={out / 'episodes'}"]
@@ -345,9 +367,25 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "pascal-table"))
     parser.add_argument("--config", default=str(CONFIG), help="the base config of every row")
+    parser.add_argument(
+        "--train-shots",
+        choices=["1", "test"],
+        default="1",
+        help="train every model on 1-shot episodes and score it at every shot count (default), or "
+        "train one model per shot count on episodes with that many supports ('test')",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if not args.collect:
+        # the evaluations of one --out are all of models trained one way: say so, and refuse a mix
+        mode = out / "train_shots.txt"
+        if mode.exists() and mode.read_text().strip() != args.train_shots:
+            raise SystemExit(
+                f"{out} holds models trained with --train-shots {mode.read_text().strip()}; "
+                f"use another --out for --train-shots {args.train_shots}"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        mode.write_text(args.train_shots + "\n")
         if args.rows:
             rows = {name: ROWS[name] for name in args.rows}
         else:
@@ -355,7 +393,8 @@ def main() -> None:
         for fold in args.folds:
             for shots in args.shots:
                 for name, row in rows.items():
-                    r = run_row(name, row, fold, shots, out, args.extra, Path(args.config))
+                    train_shots = shots if args.train_shots == "test" else TRAIN_SHOTS
+                    r = run_row(name, row, fold, shots, out, args.extra, Path(args.config), train_shots)
                     print(
                         f"{name} fold {fold} {shots}-shot: mIoU {100 * r['miou']['mean']:.1f} "
                         f"(train {r.get('train_seconds') or 0:.0f} s, eval {r['eval_seconds']:.0f} s)",

@@ -102,6 +102,8 @@ def test_features_command_builds_the_store(tmp_path, capsys):
     (folder,) = list(store.iterdir())
     index = json.loads((folder / "index.json").read_text())
     assert str(len(index["ids"])) in out and set(index["names"]) == {"mid", "high"}
+    # the thread count it was encoded with (it changes the features' last bits) is recorded
+    assert index["threads"] == torch.get_num_threads()
 
 
 def test_loss_size_trains_on_a_coarser_grid(tmp_path):

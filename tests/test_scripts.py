@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dedn.config import load_config
 from test_engine import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,29 @@ def test_table_runner_trains_once_per_fold_and_scores_every_shot_count(tmp_path)
     assert "method=dedn-fold0 was trained with other settings" in done.stderr
     assert "train.lr: " in done.stderr and "-> 0.5" in done.stderr
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("results.json")}
+
+
+def test_table_runner_can_train_one_model_per_shot_count(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--shots", "1", "2"]
+    table = ["--rows", "dedn", "--train-shots", "test", "--out", str(tmp_path)]
+    run_script("pascal_table.py", *args, *table, *sets)
+    models = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert models == ["method=dedn-fold0", "method=dedn-fold0-train2shot"]
+    for name, shots in zip(models, (1, 2), strict=True):
+        assert load_config(tmp_path / "models" / name / "config.yaml").data.shots == shots
+    records = {r["shots"]: r for r in json.loads((tmp_path / "table.json").read_text())}
+    assert Path(records[2]["checkpoint"]).parents[1].name == models[1]
+    assert Path(records[1]["checkpoint"]).parents[1].name == models[0]
+    # the evaluations of one --out are of models trained one way: the other way is refused, with a message
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pascal_table.py"), *args, "--rows", "dedn"]
+        + ["--out", str(tmp_path), *sets],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--train-shots test" in done.stderr
 
 
 def test_trained_apart_row_reuses_the_expert_rows_models_and_scores_them_unchanged(tmp_path):

@@ -184,7 +184,10 @@ def build_feature_store(
         for a in arrays.values():
             a.flush()
         del arrays
-        index = {"key": key, "ids": ids, "names": sorted(feats), "image_size": image_size}
+        # the CPU's thread count changes the features in their last bits (about 1e-5), and a training on
+        # them can then end a point of mIoU apart: recorded so that a result can name the store it used
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+        index = {"key": key, "ids": ids, "names": sorted(feats), "image_size": image_size, "threads": threads}
         (tmp / "index.json").write_text(json.dumps(index))
         try:
             os.rename(tmp, folder)
