@@ -134,6 +134,11 @@ def changed_settings(run: Path, sets: list[str], config: Path) -> list[str]:
     return [f"{k}: {trained.get(k)} -> {asked.get(k)}" for k in keys if trained.get(k) != asked.get(k)]
 
 
+def trained_on(shots: int) -> str:
+    """The model folder's suffix for models trained on ``shots``-shot episodes (none for the default)."""
+    return "" if shots == TRAIN_SHOTS else f"-train{shots}shot"
+
+
 def train_model(
     overrides: list[str],
     fold: int,
@@ -147,8 +152,7 @@ def train_model(
 
     A model trained earlier is reused only if it was trained with the settings the row resolves to now.
     """
-    suffix = "" if shots == TRAIN_SHOTS else f"-train{shots}shot"
-    run = out / "models" / f"{slug(overrides)}-fold{fold}{suffix}"
+    run = out / "models" / f"{slug(overrides)}-fold{fold}{trained_on(shots)}"
     times = run / "times.json"
     sets = [*overrides, f"data.fold={fold}", f"data.shots={shots}", *extra]
     if times.exists():
@@ -170,8 +174,7 @@ def assemble_model(
 ) -> Path:
     """The DEDN of the fold's object and scenario models trained apart (each trained if needed)."""
     parts = {name: train_model(sets, fold, out, extra, config, shots) for name, sets in Apart.PARTS.items()}
-    suffix = "" if shots == TRAIN_SHOTS else f"-train{shots}shot"
-    run = out / "models" / f"apart-fold{fold}{suffix}"
+    run = out / "models" / f"apart-fold{fold}{trained_on(shots)}"
     ckpt = run / "checkpoints" / "best.pt"
     times = run / "times.json"
     if not times.exists():
