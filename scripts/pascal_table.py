@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from dedn.config import ConfigError, flatten, load_config, to_dict
+from dedn.utils.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
@@ -165,7 +166,7 @@ def train_model(
             )
     else:
         seconds = dedn("train", str(config), "--quiet", "--output", str(run), *flags(sets))
-        times.write_text(json.dumps({"train_seconds": seconds, "overrides": sets}, indent=2))
+        atomic_write_json(times, {"train_seconds": seconds, "overrides": sets})
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 
@@ -191,7 +192,7 @@ def assemble_model(
             "train_seconds": sum(seconds for _, seconds in parts.values()),
             "overrides": [f"assembled from {path}" for path, _ in parts.values()],
         }
-        times.write_text(json.dumps(record, indent=2))
+        atomic_write_json(times, record)
     return ckpt
 
 
@@ -222,7 +223,7 @@ def run_row(
     if not (run / "times.json").exists():
         eval_sets = [*sets, f"eval.episode_dir={out / 'episodes'}"]
         seconds = dedn("eval", str(config), "--quiet", "--output", str(run), *checkpoint, *flags(eval_sets))
-        (run / "times.json").write_text(json.dumps({"eval_seconds": seconds, "overrides": sets}, indent=2))
+        atomic_write_json(run / "times.json", {"eval_seconds": seconds, "overrides": sets})
     return read_record(name, fold, shots, out)
 
 
@@ -388,7 +389,7 @@ def main() -> None:
                 f"use another --out for --train-shots {args.train_shots}"
             )
         out.mkdir(parents=True, exist_ok=True)
-        mode.write_text(args.train_shots + "\n")
+        atomic_write_text(mode, args.train_shots + "\n")
         if args.rows:
             rows = {name: ROWS[name] for name in args.rows}
         else:
@@ -405,8 +406,8 @@ def main() -> None:
                     )
     records = collect(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(records, indent=2))
-    (out / "table.md").write_text(table(records))
+    atomic_write_json(out / "table.json", records)
+    atomic_write_text(out / "table.md", table(records))
     print(table(records))
 
 

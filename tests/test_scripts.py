@@ -1,6 +1,7 @@
 """The experiment scripts: the table runner and the validation sweep, on the tiny synthetic setting."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,56 @@ def test_table_cells_say_when_a_row_has_one_test_seed():
     assert table.cell({"mean": 0.4876, "std": 0.0071, "n": 5}) == "48.8 +- 0.7"
     # a seed-0-only row has no spread to show, and must not look like one with a std of 0
     assert table.cell({"mean": 0.4876, "std": 0.0, "n": 1}) == "48.8 (1 seed)"
+
+
+def test_whole_table_driver_plans_every_row_of_the_issue_once_per_fold(tmp_path):
+    out = run_script("pascal_all.py", "--dry-run", "--root", str(tmp_path))
+    commands = [shlex.split(line) for line in out.splitlines()]
+    runs = [c for c in commands if "--collect" not in c]
+    collects = [c for c in commands if "--collect" in c]
+    assert {c[c.index("--out") + 1] for c in collects} == {
+        str(tmp_path / g) for g in ("main-1shot", "main-5shot", "ablations")
+    }
+
+    def rows(group: str, fold: int) -> list[str]:
+        found = []
+        for c in runs:
+            if c[c.index("--out") + 1] == str(tmp_path / group) and c[c.index("--folds") + 1] == str(fold):
+                found += c[c.index("--rows") + 1 :]
+        return sorted(found)
+
+    main = sorted(["dedn", "object", "scenario", "proto", "prior"])
+    ablations = ["dedn", "dedn w/o Scenario Normalization", "dedn w/o Object Continuity Guidance"]
+    ablations += ["dedn w/o contrastive term", "dedn w/o positive-guided KL", "dedn, PKL correct-teacher"]
+    for fold in range(4):
+        assert rows("main-1shot", fold) == main and rows("main-5shot", fold) == main
+        assert rows("ablations", fold) == sorted(ablations)
+    for c in runs:
+        group = Path(c[c.index("--out") + 1]).name
+        assert c[c.index("--shots") + 1] == ("5" if group == "main-5shot" else "1")
+        assert ("--train-shots" in c) == (group == "main-5shot")
+        assert ("eval.seeds=[0]" in c) == (group == "ablations")
+    # trained runs start before the training-free ones, 5-shot trainings (the longest) first
+    first_free = next(i for i, c in enumerate(runs) if "proto" in c)
+    assert all("proto" in c for c in runs[first_free:])
+    assert "main-5shot" in runs[0][runs[0].index("--out") + 1] and "dedn" in runs[0]
+
+
+def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--groups", "main-1shot"]
+    out = run_script("pascal_all.py", *args, "--root", str(tmp_path / "ok"), "--jobs", "2", *sets)
+    records = json.loads((tmp_path / "ok" / "main-1shot" / "table.json").read_text())
+    assert sorted(r["row"] for r in records) == sorted(["dedn", "object", "scenario", "proto", "prior"])
+    assert "| dedn |" in (tmp_path / "ok" / "main-1shot" / "table.md").read_text()
+    assert out.count("done in") == 4  # dedn, object, scenario; proto and prior in one run
+    # a failed run is named with its log, and no table is collected from a group with a failed run
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pascal_all.py"), *args, "--root", str(tmp_path / "bad")]
+        + [*sets, "--set", "model.no_such_key=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "4 run(s) failed" in done.stderr and "000.log" in done.stderr
+    assert "no_such_key" in (tmp_path / "bad" / "logs" / "000.log").read_text()
+    assert not (tmp_path / "bad" / "main-1shot" / "table.json").exists()
