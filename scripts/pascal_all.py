@@ -13,6 +13,8 @@ make them, one per table, fold and trained model:
   scored from the DEDN row's own forward pass (``table.md``'s list of experts and fusions).
 
 Each group writes ``<root>/<group>/table.md`` and ``table.json`` (collected once all its runs are done).
+Each group's folder stands alone: ``ablations`` trains its own DEDN, the same model as ``main-1shot``'s
+(same settings and seed), scored on test seed 0 only.
 Runs already finished are not repeated, so an interrupted call picks up where it stopped. Every run is
 one process with ``--threads`` threads; ``--jobs`` of them at a time (on this project's 2-core CPU:
 ``--jobs 2 --threads 1``). Trained runs start first, longest first, so the cores stay busy to the end.
@@ -85,11 +87,11 @@ def plan(root: Path, groups: list[str], folds: list[int], extra: list[str], conf
             *(["--config", config] if config else []),
             *(a for s in extra for a in ("--set", s)),
         ]
+        units = [([row], True) for row in trained] + ([(free, False)] if free else [])
         for fold in folds:
-            for rows in [[r] for r in trained] + ([free] if free else []):
-                trained_run = rows is not free
+            for rows, is_trained in units:
                 command = [*common, "--folds", str(fold), "--rows", *rows]
-                runs.append(((trained_run, cost(rows, shots)), group, command))
+                runs.append(((is_trained, cost(rows, shots)), group, command))
         collects.append([*common, "--collect"])
     runs.sort(key=lambda r: (not r[0][0], -r[0][1]))
     return runs, collects

@@ -1,5 +1,6 @@
 """The experiment scripts: the table runner and the validation sweep, on the tiny synthetic setting."""
 
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -185,12 +186,16 @@ def test_train_step_benchmark_prints_a_time_per_method():
     assert all(float(r[2]) > 0 for r in rows) and "x 6 steps" in done.stdout
 
 
-def test_table_cells_say_when_a_row_has_one_test_seed():
-    import importlib.util
+def load_script(name: str):
+    """A script under scripts/ imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    spec = importlib.util.spec_from_file_location("pascal_table", REPO / "scripts" / "pascal_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+
+def test_table_cells_say_when_a_row_has_one_test_seed():
+    table = load_script("pascal_table")
     assert table.cell({"mean": 0.4876, "std": 0.0071, "n": 5}) == "48.8 +- 0.7"
     # a seed-0-only row has no spread to show, and must not look like one with a std of 0
     assert table.cell({"mean": 0.4876, "std": 0.0, "n": 1}) == "48.8 (1 seed)"
@@ -218,6 +223,8 @@ def test_whole_table_driver_plans_every_row_of_the_issue_once_per_fold(tmp_path)
     for fold in range(4):
         assert rows("main-1shot", fold) == main and rows("main-5shot", fold) == main
         assert rows("ablations", fold) == sorted(ablations)
+    # every planned row is one the table runner knows (its --rows choices)
+    assert set(main + ablations) <= set(load_script("pascal_table").ROWS)
     for c in runs:
         group = Path(c[c.index("--out") + 1]).name
         assert c[c.index("--shots") + 1] == ("5" if group == "main-5shot" else "1")
