@@ -70,8 +70,8 @@ def cost(rows: list[str], shots: int) -> float:
 
 
 def plan(root: Path, groups: list[str], folds: list[int], extra: list[str], config: str | None):
-    """-> [((trained, rough seconds), group, command)], the trained runs first, each kind longest first;
-    and the collect command of each group."""
+    """-> the run commands, the trained runs first and each kind longest first; and the collect command
+    of each group."""
     runs, collects = [], []
     for group in groups:
         shots, flags, trained, free = GROUPS[group]
@@ -91,10 +91,10 @@ def plan(root: Path, groups: list[str], folds: list[int], extra: list[str], conf
         for fold in folds:
             for rows, is_trained in units:
                 command = [*common, "--folds", str(fold), "--rows", *rows]
-                runs.append(((is_trained, cost(rows, shots)), group, command))
+                runs.append((not is_trained, -cost(rows, shots), command))
         collects.append([*common, "--collect"])
-    runs.sort(key=lambda r: (not r[0][0], -r[0][1]))
-    return runs, collects
+    runs.sort(key=lambda r: r[:2])
+    return [command for *_, command in runs], collects
 
 
 def main() -> None:
@@ -116,7 +116,7 @@ def main() -> None:
     root = Path(args.root).resolve()
     runs, collects = plan(root, args.groups, args.folds, args.extra, args.config)
     if args.dry_run:
-        for _, _, command in runs:
+        for command in runs:
             print(shlex.join(command))
         for command in collects:
             print(shlex.join(command))
@@ -138,7 +138,7 @@ def main() -> None:
 
     failed = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run, i, command) for i, (_, _, command) in enumerate(runs)]
+        futures = [pool.submit(run, i, command) for i, command in enumerate(runs)]
         for future in futures:
             command, code, seconds, log = future.result()
             what = " ".join(command[command.index("--folds") :])
