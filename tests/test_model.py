@@ -7,6 +7,7 @@ import torch
 
 from dedn.config import LossConfig, ModelConfig
 from dedn.losses import dedn_loss, positive_guided_kl, prototype_contrast
+from dedn.models.experts import shot_attention, support_attention
 from dedn.models.fusion import fuse_probabilities, fusion_weights
 from dedn.models.network import FewShotSegmenter
 from dedn.models.ops import continuity_guidance, cosine_prior, scene_normalize, soft_iou
@@ -52,6 +53,7 @@ ABLATIONS = {
     "query_features": {"head_inputs": "features"},
     "query_features_gram": {"head_inputs": "features", "scenario__gram_difference": True},
     "per_expert_reduce": {"reduce": "per_expert"},
+    "shot_mean": {"scenario__shot_pooling": "mean"},
 }
 
 
@@ -503,3 +505,25 @@ def test_reduction_runs_on_the_query_before_the_supports(reduce):
     query, supports, masks, _ = episode(b=2, k=3)
     model(query, supports, masks)
     assert calls[:2] == [2, 6]  # the query batch, then the 2 x 3 supports
+
+
+def test_mean_shot_pooling_averages_one_attention_per_support():
+    torch.manual_seed(0)
+    b, heads, k, hw, n, d = 2, 3, 4, 6, 5, 8
+    q = torch.nn.functional.normalize(torch.randn(b, heads, hw, d), dim=3)
+    key = torch.nn.functional.normalize(torch.randn(b, heads, k, n, d), dim=4)
+    fg = (torch.rand(b, k, n) > 0.5).float()
+    bg = 1 - fg
+    extra = torch.randn(b, k, n, 7)
+    # the second episode's last support is all "ignore": it gives no evidence and is left out
+    fg[1, -1], bg[1, -1] = 0, 0
+    mean = shot_attention(q, key, fg, bg, 0.1, "mean", extra)
+    one = [support_attention(q, key[:, :, i], fg[:, i], bg[:, i], 0.1, extra[:, i]) for i in range(k)]
+    assert torch.allclose(mean[0], torch.stack(one)[:, 0].mean(0), atol=1e-6)
+    assert torch.allclose(mean[1], torch.stack(one[:-1])[:, 1].mean(0), atol=1e-6)
+    # one softmax over all supports is another thing: where the best-matching support dominates
+    joint = shot_attention(q, key, fg, bg, 0.1, "joint", extra)
+    assert not torch.allclose(joint, mean, atol=1e-3)
+    # with one support the two poolings are the same computation
+    single = [key[:, :, :1], fg[:, :1], bg[:, :1], 0.1]
+    assert torch.equal(shot_attention(q, *single, "mean"), shot_attention(q, *single, "joint"))

@@ -99,6 +99,9 @@ class ScenarioExpertConfig:
     #: head_inputs=relations: attention heads, each giving its own foreground/background evidence map
     heads: int = 4
     temperature: float = 0.1
+    #: K > 1: joint (every query cell attends to the cells of all K supports in one softmax) | mean (one
+    #: attention per support, the evidence averaged over the supports, as a mean prototype averages them)
+    shot_pooling: str = "joint"
     #: head_inputs=relations: also attend from the frozen high-level query features to the frozen support
     #: features (scene-normalised like the rest, one head per high level, no trained parameter) and give
     #: the head its foreground/background evidence (2 maps per level)
@@ -262,6 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head_inputs": ("relations", "features"),
     "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
+    "model.scenario.shot_pooling": ("joint", "mean"),
     "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
     "model.baseline.proto_matching": ("prototype", "nearest"),

@@ -119,6 +119,37 @@ def support_attention(
     return out[..., :kept]
 
 
+def shot_attention(
+    q: Tensor,
+    key: Tensor,
+    fg: Tensor,
+    bg: Tensor,
+    temperature: float,
+    pooling: str,
+    extra: Tensor | None = None,
+) -> Tensor:
+    """:func:`support_attention` over K supports: q (B, H, hw, d), key (B, H, K, n, d), fg/bg (B, K, n),
+    extra (B, K, n, C) -> (B, H, hw, 2 [+ C]). ``joint``: one softmax over the K * n cells of all
+    supports. ``mean``: one attention per support, averaged over the supports that have a labelled cell
+    (a support that is all "ignore" has no evidence to give)."""
+    b, heads, k, n, d = key.shape
+    if pooling == "joint" or k == 1:
+        flat_extra = extra.flatten(1, 2) if extra is not None else None
+        return support_attention(q, key.flatten(2, 3), fg.flatten(1), bg.flatten(1), temperature, flat_extra)
+    hw = q.shape[2]
+    per_shot = support_attention(
+        q.unsqueeze(1).expand(b, k, heads, hw, d).flatten(0, 1),
+        key.transpose(1, 2).flatten(0, 1),
+        fg.flatten(0, 1),
+        bg.flatten(0, 1),
+        temperature,
+        extra.flatten(0, 1) if extra is not None else None,
+    ).view(b, k, heads, hw, -1)
+    labelled = ((fg + bg) > 0.5).any(dim=2).to(per_shot.dtype)  # (B, K)
+    weights = labelled / labelled.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return (per_shot * weights[:, :, None, None, None]).sum(dim=1)
+
+
 class ObjectExpert(nn.Module):
     """Object-level expert: "what is the target object".
 
@@ -215,7 +246,8 @@ class ScenarioExpert(nn.Module):
     Scenario Normalization standardises each image by its own scene statistics; dense cross-attention
     from every query pixel to every support pixel (foreground and background) then gives foreground and
     background evidence maps: the share of a query pixel's attention that lands on support foreground and
-    on support background. ``head_inputs="relations"``: one pair of maps per attention head, and nothing
+    on support background (K > 1: over all supports at once, or per support and averaged;
+    ``cfg.shot_pooling``). ``head_inputs="relations"``: one pair of maps per attention head, and nothing
     else. ``head_inputs="features"``: one head, plus the normalised query and the attended support context.
     """
 
@@ -253,16 +285,16 @@ class ScenarioExpert(nn.Module):
         Scenario Normalization as the trained features: -> (B, 2 * levels, h, w), fg maps first."""
         b, k, _, h, w = support_high.shape
         fg_maps, bg_maps = [], []
-        fg = support_fg.reshape(b, k * h * w)
-        bg = support_bg.reshape(b, k * h * w)
+        fg = support_fg.reshape(b, k, h * w)
+        bg = support_bg.reshape(b, k, h * w)
         levels = zip(
             query_high.split(self.high_channels, 1), support_high.split(self.high_channels, 2), strict=True
         )
         for fq, fs in levels:
             qn, sn = self.normalize(fq, fs)
             q = F.normalize(qn.flatten(2), dim=1).transpose(1, 2).unsqueeze(1)  # (B, 1, hw, c)
-            key = F.normalize(sn.permute(0, 2, 1, 3, 4).flatten(2), dim=1).transpose(1, 2).unsqueeze(1)
-            out = support_attention(q, key, fg, bg, self.cfg.temperature)
+            key = F.normalize(sn.flatten(3), dim=2).transpose(2, 3).unsqueeze(1)  # (B, 1, K, hw, c)
+            out = shot_attention(q, key, fg, bg, self.cfg.temperature, self.cfg.shot_pooling)
             fg_maps.append(out[:, 0, :, 0].view(b, h, w))
             bg_maps.append(out[:, 0, :, 1].view(b, h, w))
         return torch.stack(fg_maps + bg_maps, dim=1)
@@ -297,14 +329,13 @@ class ScenarioExpert(nn.Module):
         q = F.normalize(self.query_proj(qn).view(b, n, -1, h * w), dim=2)  # (B, H, d/H, hw)
         s_flat = sn.flatten(0, 1)
         key = self.key_proj(s_flat).view(b, k, n, -1, h * w)
-        key = F.normalize(key, dim=3).permute(0, 2, 3, 1, 4).reshape(b, n, -1, k * h * w)  # (B, H, d/H, K*hw)
-        cells = k * h * w
+        key = F.normalize(key, dim=3).permute(0, 2, 1, 4, 3)  # (B, H, K, hw, d/H)
         extra = None
         if self.inputs == "features":  # the attended projected support features give a context map
-            extra = self.value_proj(s_flat).view(b, k, c, h * w).permute(0, 1, 3, 2).reshape(b, cells, c)
-        q, key = q.transpose(2, 3), key.transpose(2, 3)
-        fg, bg = support_fg.reshape(b, cells), support_bg.reshape(b, cells)
-        out = support_attention(q, key, fg, bg, self.cfg.temperature, extra)
+            extra = self.value_proj(s_flat).view(b, k, c, h * w).transpose(2, 3)  # (B, K, hw, C)
+        q = q.transpose(2, 3)
+        fg, bg = support_fg.reshape(b, k, h * w), support_bg.reshape(b, k, h * w)
+        out = shot_attention(q, key, fg, bg, self.cfg.temperature, self.cfg.shot_pooling, extra)
         # out: (B, H, hw, 2 [+ C])
         fg_evidence = out[..., 0].view(b, n, h, w)
         bg_evidence = out[..., 1].view(b, n, h, w)
