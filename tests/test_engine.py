@@ -72,6 +72,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, feature_cache):
     lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert any("val/miou" in line for line in lines)
     assert (tmp_path / "full" / "config.yaml").is_file()
+    machine = json.loads((tmp_path / "full" / "machine.json").read_text())
+    assert machine["threads"] == torch.get_num_threads() and machine["torch"] == torch.__version__
     state = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     assert set(state) >= {"model", "optimizer", "scheduler", "step", "config"}
     assert state["step"] == 6
@@ -117,6 +119,7 @@ def test_train_then_eval_from_the_command_line(tmp_path, capsys):
     s = results["settings"]
     assert s["shots"] == 1 and s["episodes"] == 12 and s["seeds"] == [0, 1] and s["image_size"] == 64
     assert s["backbone"] == "toy" and len(s["checkpoint_sha256"]) == 64
+    assert s["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert len(results["per_seed"]) == 2
     assert 0.0 <= results["summary"]["miou"]["mean"] <= 1.0
     assert (out / "results.md").read_text().startswith("# dedn")

@@ -104,6 +104,8 @@ def test_features_command_builds_the_store(tmp_path, capsys):
     assert str(len(index["ids"])) in out and set(index["names"]) == {"mid", "high"}
     # the thread count it was encoded with (it changes the features' last bits) is recorded
     assert index["threads"] == torch.get_num_threads()
+    # and so is the instruction set PyTorch's kernels dispatch to (AVX2 and AVX-512 round differently)
+    assert index["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_loss_size_trains_on_a_coarser_grid(tmp_path):

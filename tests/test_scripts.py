@@ -254,3 +254,26 @@ def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
     assert done.returncode != 0 and "4 run(s) failed" in done.stderr and "000.log" in done.stderr
     assert "no_such_key" in (tmp_path / "bad" / "logs" / "000.log").read_text()
     assert not (tmp_path / "bad" / "main-1shot" / "table.json").exists()
+
+
+def test_store_drift_finds_a_store_that_this_machine_would_not_encode_the_same(tmp_path, capsys):
+    import numpy as np
+
+    from dedn.cli import main as dedn
+
+    config = str(REPO / "configs" / "synthetic.yaml")
+    sets = [a for s in [*TINY, f"feature_store={tmp_path / 'store'}"] for a in ("--set", s)]
+    assert dedn(["features", config, "--quiet", *sets]) == 0
+    drift = load_script("store_drift")
+    # encoded here, just now: the fresh encoding is bit-identical
+    assert drift.main([config, "--images", "2", "--strict", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "largest difference over 2 images 0" in out and '"cpu_capability"' in out
+    # a store whose features differ in their last bits, as another machine's would
+    (folder,) = list((tmp_path / "store").iterdir())
+    mid = np.load(folder / "mid.npy", mmap_mode="r+")
+    mid[0] += 1e-5
+    mid.flush()
+    del mid
+    assert drift.main([config, "--images", "2", "--strict", *sets]) == 1
+    assert "largest difference over 2 images 1e-05" in capsys.readouterr().out

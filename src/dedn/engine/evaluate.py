@@ -29,6 +29,7 @@ from dedn.engine.features import FeatureCache, ImageEncoder, open_feature_store
 from dedn.errors import DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
 from dedn.utils.io import atomic_write_json, atomic_write_text
+from dedn.utils.machine import machine_info
 
 
 @dataclass
@@ -247,6 +248,7 @@ def run_evaluation(
             "class_names": {c: bench.test_source.class_names[c - 1] for c in bench.split.novel},
             "feature_cache": cfg.eval.feature_cache,
             "world_size": dist_info.world_size,
+            "machine": machine_info(device),
         },
         "summary": summary,
         # each expert of a fused model scored on its own (same episodes, same forward pass)

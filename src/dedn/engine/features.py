@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dedn.errors import DataError
 from dedn.utils.io import cache_dir, hash_file
+from dedn.utils.machine import machine_info
 
 Features = dict[str, Tensor]
 
@@ -184,10 +185,18 @@ def build_feature_store(
         for a in arrays.values():
             a.flush()
         del arrays
-        # the CPU's thread count changes the features in their last bits (about 1e-5), and a training on
-        # them can then end a point of mIoU apart: recorded so that a result can name the store it used
+        # the CPU's thread count and instruction set change the features in their last bits (about 1e-5),
+        # and a training on them can then end a point of mIoU apart: recorded so that a result can name
+        # the store it used
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        index = {"key": key, "ids": ids, "names": sorted(feats), "image_size": image_size, "threads": threads}
+        index = {
+            "key": key,
+            "ids": ids,
+            "names": sorted(feats),
+            "image_size": image_size,
+            "threads": threads,
+            "machine": machine_info(device),
+        }
         (tmp / "index.json").write_text(json.dumps(index))
         try:
             os.rename(tmp, folder)

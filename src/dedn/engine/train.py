@@ -39,7 +39,8 @@ from dedn.engine.features import FeatureCache, FeatureStore, open_feature_store
 from dedn.errors import ConfigError
 from dedn.losses import dedn_loss
 from dedn.models.network import FewShotSegmenter
-from dedn.utils.io import atomic_write_text
+from dedn.utils.io import atomic_write_json, atomic_write_text
+from dedn.utils.machine import machine_info
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -326,6 +327,8 @@ class Trainer:
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
+            # the CPU's instruction set and thread count change a training's last bits (utils/machine.py)
+            atomic_write_json(self.output_dir / "machine.json", machine_info(self.device))
         self.writer = None
         if self.info.is_main:
             try:
