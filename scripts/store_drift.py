@@ -24,6 +24,7 @@ from dedn.data.transforms import TestTransform
 from dedn.engine.benchmark import build_benchmark
 from dedn.engine.distributed import resolve_device
 from dedn.engine.features import FeatureStore, feature_store_key
+from dedn.errors import DednError
 from dedn.models.network import FewShotSegmenter
 from dedn.utils.io import cache_dir
 from dedn.utils.machine import machine_info
@@ -44,6 +45,13 @@ def drift(model, source, store: FeatureStore, image_size: int, device, images: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return compare(argv)
+    except DednError as e:  # a bad config or data set: its message names the file, no traceback
+        raise SystemExit(f"store_drift: {e}") from None
+
+
+def compare(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

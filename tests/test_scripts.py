@@ -277,3 +277,12 @@ def test_store_drift_finds_a_store_that_this_machine_would_not_encode_the_same(t
     del mid
     assert drift.main([config, "--images", "2", "--strict", *sets]) == 1
     assert "largest difference over 2 images 1e-05" in capsys.readouterr().out
+
+
+def test_store_drift_names_a_bad_config_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "store_drift.py"), str(bad)], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "bad.yaml" in done.stderr and "Traceback" not in done.stderr
