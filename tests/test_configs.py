@@ -16,8 +16,21 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads(path):
     cfg = load_config(path)
-    assert cfg.data.benchmark in {"synthetic", "pascal", "coco", "fss1000", "folders"}
+    assert cfg.data.benchmark in {"synthetic", "pascal", "coco", "fss1000", "folders", "labelmap"}
     assert cfg.eval.episodes >= 1000 and len(cfg.eval.seeds) == 5
+
+
+def test_the_cross_domain_config_scores_the_offline_pascal_checkpoints():
+    """configs/camvid_cross.yaml must agree with configs/pascal_offline.yaml on every model setting that a
+    checkpoint checks, or `dedn eval` would refuse the fold models there."""
+    from dedn.engine.checkpoint import check_compatible
+
+    repo = Path(__file__).resolve().parents[1]
+    pascal = load_config(repo / "configs" / "pascal_offline.yaml")
+    camvid = load_config(repo / "configs" / "camvid_cross.yaml")
+    check_compatible(pascal, camvid, "a model trained with configs/pascal_offline.yaml")
+    assert camvid.data.protocol == "cross" and camvid.data.image_size == pascal.data.image_size
+    assert camvid.model.fusion.matcher == pascal.model.fusion.matcher
 
 
 def test_every_row_of_the_table_runner_is_a_valid_config():

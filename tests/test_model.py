@@ -527,3 +527,54 @@ def test_mean_shot_pooling_averages_one_attention_per_support():
     # with one support the two poolings are the same computation
     single = [key[:, :, :1], fg[:, :1], bg[:, :1], 0.1]
     assert torch.equal(shot_attention(q, *single, "mean"), shot_attention(q, *single, "joint"))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_matcher_joins_awf_as_a_third_member_and_is_the_proto_baseline(k):
+    """model.fusion.matcher=proto: AWF weighs three members (the experts and the training-free `proto`),
+    each scored on the support set; the matcher's map is exactly the `proto` baseline's."""
+    cfg = ModelConfig(channels=16, fusion=dataclasses.replace(ModelConfig().fusion, matcher="proto"))
+    backbone = ToyBackbone()
+    model = FewShotSegmenter(cfg, backbone).eval()
+    assert model.fusion_members == ["object", "scenario", "proto"]
+    query, supports, masks, _ = episode(k=k)
+    with torch.no_grad():
+        out = model(query, supports, masks)
+        proto = FewShotSegmenter(ModelConfig(method="proto"), backbone).eval()(query, supports, masks)
+    assert out["fusion_weights"].shape == (2, 3) and out["support_scores"].shape == (2, 3)
+    assert torch.allclose(out["fusion_weights"].sum(1), torch.ones(2))
+    assert torch.allclose(out["matcher"]["proto"], proto["logits"], atol=1e-5)
+    # without the matcher the experts' weights and maps are those of a two-member AWF
+    plain = FewShotSegmenter(ModelConfig(channels=16), backbone).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        two = plain(query, supports, masks)
+    assert torch.allclose(out["support_scores"][:, :2], two["support_scores"])
+    for name in ("object", "scenario"):
+        assert torch.equal(out["experts"][name], two["experts"][name])
+
+
+def test_matcher_takes_over_when_the_support_shows_the_experts_failing(monkeypatch):
+    """Constructed support scores: experts near 0, the matcher near 1 -> the fused map is the matcher's."""
+    cfg = ModelConfig(channels=16, fusion=dataclasses.replace(ModelConfig().fusion, matcher="proto"))
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=1)
+    monkeypatch.setattr(model, "support_scores", lambda *a, **k: torch.tensor([[0.05, 0.1, 0.9]] * 2))
+    with torch.no_grad():
+        out = model(query, supports, masks)
+    assert out["fusion_weights"][:, 2].min() > 0.99
+    matcher = out["matcher"]["proto"].softmax(dim=1)
+    decided = (matcher[:, 1] - 0.5).abs() > 0.05  # pixels where the matcher is not on the fence
+    assert torch.equal(out["probability"].argmax(1)[decided], matcher.argmax(1)[decided])
+
+
+def test_matcher_is_a_test_time_setting_and_off_for_single_experts():
+    from dedn.config import Config
+    from dedn.engine.checkpoint import check_compatible
+
+    saved, current = Config(), Config()
+    current.model.fusion.matcher = "proto"
+    check_compatible(saved, current, "model.pt")  # a checkpoint may be scored with or without it
+    fusion = dataclasses.replace(ModelConfig().fusion, matcher="proto")
+    cfg = ModelConfig(method="object", channels=16, fusion=fusion)
+    assert FewShotSegmenter(cfg, ToyBackbone()).fusion_members == ["object"]

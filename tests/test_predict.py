@@ -20,7 +20,7 @@ from dedn.predict import (
     output_names,
     predict_files,
 )
-from usage_helpers import TOY_SIZE, make_checkpoint, save_rgb, scene
+from usage_helpers import TOY_SIZE, make_checkpoint, save_rgb, scene, toy_config
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +444,17 @@ def test_cli_predict_into_the_query_folder_twice(toy_ckpt, episode, tmp_path, ca
     assert main(args) == 0 and main(args) == 0  # the second run does not segment the first run's outputs
     assert capsys.readouterr().out.count("1 image(s) segmented, 0 skipped") == 2
     assert sorted(p.name for p in folder.iterdir()) == ["one.png", "one_mask.png", "one_overlay.jpg"]
+
+
+def test_a_checkpoint_with_the_matcher_reports_three_fusion_weights(tmp_path, episode):
+    """model.fusion.matcher=proto in a checkpoint's config: the Predictor reports the weight of each of
+    the three AWF members, and the mask is the fused one that `dedn eval` scores."""
+    cfg = toy_config()
+    cfg.model.fusion.matcher = "proto"
+    predictor = Predictor.from_checkpoint(make_checkpoint(tmp_path / "m.pt", cfg), device="cpu")
+    support, mask, query = episode
+    result = predictor.predict(query, support, mask, return_experts=True)
+    assert list(result.fusion_weights) == ["object", "scenario", "proto"]
+    assert sum(result.fusion_weights.values()) == pytest.approx(1.0)
+    assert set(result.experts) == {"object", "scenario"}
+    assert result.mask.shape == query.shape[:2]

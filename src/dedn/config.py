@@ -28,13 +28,28 @@ class SyntheticConfig:
 
 
 @dataclass
+class LabelMapConfig:
+    """The label-map layout (data.benchmark = labelmap; see dedn.data.labelmap)."""
+
+    #: raw label values that become ignore (CamVid, ADE20K: [0]; Cityscapes trainIds: [255])
+    void: list[int] = field(default_factory=lambda: [0])
+    #: the label value of the first class of classes.txt (CamVid, ADE20K: 1; Cityscapes trainIds: 0)
+    first_class_value: int = 1
+    image_dir: str = "images"
+    label_dir: str = "labels"
+    classes_file: str = "classes.txt"
+
+
+@dataclass
 class DataConfig:
-    #: pascal | coco | fss1000 | folders | synthetic
+    #: pascal | coco | fss1000 | folders | labelmap | synthetic
     benchmark: str = "synthetic"
     #: data set root (not used by the synthetic benchmark)
     root: str | None = None
     #: "disjoint": train and test images come from one source, training images contain no novel pixel
-    #: (the offline PASCAL protocol); "standard": separate train and test splits (train_split/test_split)
+    #: (the offline PASCAL protocol); "standard": separate train and test splits (train_split/test_split);
+    #: "cross": every class of the set is novel and there are only test episodes (a cross-domain test of
+    #: a model trained on another benchmark, e.g. configs/camvid_cross.yaml)
     protocol: str = "disjoint"
     train_split: str | None = None
     test_split: str | None = None
@@ -55,6 +70,7 @@ class DataConfig:
     #: longer side of the network input (test: resize + pad; train: crop size)
     image_size: int = 160
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    labelmap: LabelMapConfig = field(default_factory=LabelMapConfig)
 
 
 @dataclass
@@ -127,6 +143,11 @@ class FusionConfig:
     #: probabilities and confidences, its own cross-entropy; it does not change the experts' training),
     #: so that every checkpoint can be scored with any ``mode``
     gate: bool = True
+    #: awf: a training-free matcher that joins the trained experts as a third member of the
+    #: fusion, scored on the support set like them (none | proto: the `proto` baseline's prediction). When
+    #: the support itself shows the trained experts failing (a class unlike the training classes, such as
+    #: stuff), its weight rises and the fusion falls back to matching
+    matcher: str = "none"
 
 
 @dataclass
@@ -204,6 +225,18 @@ class AugmentConfig:
 
 
 @dataclass
+class PseudoClassConfig:
+    """Training episodes on background pseudo-classes (dedn.data.pseudo_classes): clusters of the frozen
+    features of the training images' background (sky, grass, water, walls), so that the heads do not learn
+    that every target is a benchmark object."""
+
+    #: share of training episodes whose class is a pseudo-class (0: none, the episodes of before)
+    fraction: float = 0.0
+    #: number of clusters (pseudo-classes), fitted by spherical k-means with train.seed
+    clusters: int = 24
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 8
@@ -221,6 +254,7 @@ class TrainConfig:
     #: share of training episodes whose supports show a class absent from the query (target: background),
     #: so that segmenting the query's salient object without reading the support is penalised
     negative_episodes: float = 0.0
+    pseudo_classes: PseudoClassConfig = field(default_factory=PseudoClassConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     log_every: int = 20
     val_every: int = 250
@@ -257,8 +291,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.benchmark": ("pascal", "coco", "fss1000", "folders", "synthetic"),
-    "data.protocol": ("disjoint", "standard"),
+    "data.benchmark": ("pascal", "coco", "fss1000", "folders", "labelmap", "synthetic"),
+    "data.protocol": ("disjoint", "standard", "cross"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),
@@ -268,6 +302,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.scenario.shot_pooling": ("joint", "mean"),
     "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
+    "model.fusion.matcher": ("none", "proto"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "loss.distill.mode": ("correct", "foreground", "off"),
 }
@@ -372,6 +407,15 @@ def validate(cfg: Config) -> Config:
                 f"model.scenario.heads = {m.scenario.heads}; expected a divisor of "
                 f"model.scenario.attention_dim ({m.scenario.attention_dim})"
             )
+    pc = cfg.train.pseudo_classes
+    if not 0.0 <= pc.fraction < 1.0:
+        raise ConfigError(f"train.pseudo_classes.fraction = {pc.fraction}; expected 0 <= p < 1")
+    if pc.fraction > 0 and pc.clusters < 2:
+        raise ConfigError(f"train.pseudo_classes.clusters = {pc.clusters}; expected at least 2")
+    if pc.fraction > 0 and not cfg.train.feature_cache:
+        raise ConfigError(
+            "train.pseudo_classes needs train.feature_cache = true (they are fitted on the stored features)"
+        )
     if not 0.0 <= cfg.train.negative_episodes < 1.0:
         raise ConfigError(f"train.negative_episodes = {cfg.train.negative_episodes}; expected 0 <= p < 1")
     return cfg

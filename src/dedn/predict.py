@@ -442,6 +442,7 @@ class Predictor:
         self.image_size = int(image_size)
         self.transform = TestTransform(self.image_size)
         self.expert_names: list[str] = list(getattr(model, "expert_names", []))
+        self.fusion_members: list[str] = list(getattr(model, "fusion_members", self.expert_names))
         self.config = None  # the full run config when loaded from a checkpoint
 
     @classmethod
@@ -577,7 +578,7 @@ class Predictor:
             }
             if "fusion_weights" in out:
                 weights = out["fusion_weights"][0].tolist()
-                result.fusion_weights = dict(zip(self.expert_names, weights, strict=True))
+                result.fusion_weights = dict(zip(self.fusion_members, weights, strict=True))
         return result
 
 

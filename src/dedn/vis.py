@@ -264,7 +264,9 @@ class EpisodeRecorder:
         scaled = self.transform.scaled_hw(hw)
         predictions: dict[str, np.ndarray] = {}
         experts = result.outputs.get("experts", {}) if isinstance(result.outputs, dict) else {}
-        for name, logits in experts.items():
+        # the training-free member of AWF (model.fusion.matcher) is drawn after the experts
+        matcher = result.outputs.get("matcher", {}) if isinstance(result.outputs, dict) else {}
+        for name, logits in {**experts, **matcher}.items():
             restored = restore_logits(logits[:1].detach().float().cpu(), scaled, hw)
             predictions[name] = restored.argmax(dim=1)[0].numpy().astype(np.uint8)
         predictions["fused" if experts else "prediction"] = (
@@ -274,7 +276,7 @@ class EpisodeRecorder:
         weights = None
         if "fusion_weights" in result.outputs and experts:
             w = result.outputs["fusion_weights"][0].detach().float().cpu().tolist()
-            weights = dict(zip(experts, w, strict=True))
+            weights = dict(zip([*experts, *matcher], w, strict=True))
         supports = []
         for sid in ep.supports:
             label = binarize(self.source.load_label(sid), ep.class_id, self.ignore)

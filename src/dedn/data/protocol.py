@@ -205,6 +205,25 @@ def disjoint_split(
     )
 
 
+def cross_domain_split(counts: Counts, classes: Sequence[int], min_pixels: int = MIN_PIXELS) -> FewShotSplit:
+    """A cross-domain test set: every class of the set is novel, and there is nothing to train on.
+
+    A model trained on another benchmark (e.g. an offline PASCAL-5i fold) is scored on these test pairs
+    next to the training-free methods, on the same episode files. ``train_images`` and ``val_images`` are
+    empty: training or validating on such a split is an error of the caller's (``dedn train`` says so).
+    """
+    if not classes:
+        raise DataError("no classes given for the cross-domain test set")
+    return FewShotSplit(
+        novel=sorted(classes),
+        base=[],
+        train_pairs=[],
+        val_pairs=[],
+        test_pairs=eligible_pairs(counts, classes, min_pixels),
+        protocol="cross",
+    )
+
+
 def hold_out_classes(
     split: FewShotSplit, counts: Counts, classes: Sequence[int], min_pixels: int = MIN_PIXELS
 ) -> FewShotSplit:

@@ -10,7 +10,14 @@ from dedn.data.base import SegmentationSource
 from dedn.data.episodes import episode_meta
 from dedn.data.folds import base_classes, novel_classes
 from dedn.data.index import class_pixel_counts
-from dedn.data.protocol import FewShotSplit, disjoint_split, hold_out_classes, pairs_by_class, standard_split
+from dedn.data.protocol import (
+    FewShotSplit,
+    cross_domain_split,
+    disjoint_split,
+    hold_out_classes,
+    pairs_by_class,
+    standard_split,
+)
 from dedn.errors import ConfigError, DataError
 
 __all__ = ["Benchmark", "build_benchmark", "build_source", "pairs_by_class"]
@@ -61,6 +68,19 @@ def build_source(cfg: DataConfig, split: str | None) -> SegmentationSource:
         from dedn.data.coco import COCOSource
 
         return COCOSource(root, split=split or "val2014")
+    if cfg.benchmark == "labelmap":
+        from dedn.data.labelmap import LabelMapSource
+
+        lm = cfg.labelmap
+        return LabelMapSource(
+            root,
+            split=split,
+            void=lm.void,
+            first_class_value=lm.first_class_value,
+            image_dir=lm.image_dir,
+            label_dir=lm.label_dir,
+            classes_file=lm.classes_file,
+        )
     from dedn.data.folders import ClassFolderSource
 
     return ClassFolderSource(root)
@@ -74,6 +94,20 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
         # small synthetic images cannot hold 2,048-pixel objects; the source states its own threshold
         min_pixels = min(min_pixels, test_source.min_pixels)
     convention = cfg.coco_convention if cfg.benchmark == "coco" else "consecutive"
+    if cfg.benchmark == "labelmap" and cfg.protocol != "cross":
+        raise ConfigError(
+            "data.benchmark = labelmap has no fold table to train on; use data.protocol = cross (every "
+            f"class novel, test episodes only), not {cfg.protocol!r}"
+        )
+    if cfg.protocol == "cross":
+        if cfg.fold != 0:
+            raise ConfigError(f"data.protocol = cross has a single fold (0); got data.fold = {cfg.fold}")
+        if cfg.val_classes is not None:
+            raise ConfigError("data.protocol = cross has no training classes to hold out (data.val_classes)")
+        test_counts = class_pixel_counts(test_source, progress=progress)
+        classes = list(range(1, test_source.num_classes + 1))
+        split = cross_domain_split(test_counts, classes, min_pixels)
+        return Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
     if cfg.benchmark == "folders":
         # a user's own class folders: every class is novel, there is nothing to train on
         novel, base = list(range(1, test_source.num_classes + 1)), []

@@ -26,6 +26,7 @@ _MODEL_KEYS_IGNORED = (
     "model.fusion.mode",
     "model.fusion.temperature",
     "model.fusion.confidence",
+    "model.fusion.matcher",
 )
 _MODEL_PREFIXES_IGNORED = ("model.baseline.",)
 

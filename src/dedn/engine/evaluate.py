@@ -105,6 +105,8 @@ def other_fusions(out: dict) -> dict[str, torch.Tensor]:
     averaging and, when the model has one, the learned gate (whatever ``model.fusion.mode`` is)."""
     probs = torch.stack([x.softmax(dim=1) for x in out["experts"].values()]).mean(dim=0)
     fusions = {"fusion=mean": probs.clamp_min(1e-6).log()}
+    # the training-free member of AWF (model.fusion.matcher), scored alone as the experts are
+    fusions.update({f"matcher={name}": logits for name, logits in out.get("matcher", {}).items()})
     if "gate_probability" in out:
         fusions["fusion=gate"] = out["gate_probability"].clamp_min(1e-6).log()
     return fusions

@@ -20,9 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dedn.config import Config, dump_config, to_dict
+from dedn.config import Config, PseudoClassConfig, dump_config, to_dict
 from dedn.data.episodes import TrainEpisodeDataset, binarize, sample_test_episodes, train_episode
 from dedn.data.index import ignore_value
+from dedn.data.pseudo_classes import fit_pseudo_classes
 from dedn.data.transforms import TestTransform, TrainTransform
 from dedn.engine.benchmark import Benchmark, build_benchmark, pairs_by_class
 from dedn.engine.checkpoint import (
@@ -81,6 +82,9 @@ class FeatureEpisodes:
         progress: bool,
         store: FeatureStore | None = None,
         negative: float = 0.0,
+        pseudo: PseudoClassConfig | None = None,
+        num_classes: int = 0,
+        min_pixels: int = 2048,
     ):
         self.by_class, self.shots, self.flip, self.seed, self.size = by_class, shots, flip, seed, size
         self.negative = negative
@@ -101,11 +105,28 @@ class FeatureEpisodes:
                 feats = model.encode(img.unsqueeze(0).to(device))
                 self.features[image_id] = {k: v[0] for k, v in feats.items()}
             self.labels[image_id] = lab  # (S, S) int64, padding 255
+        self.pseudo_fraction = pseudo.fraction if pseudo is not None else 0.0
+        self.pseudo_by_class: dict[int, list[str]] = {}
+        if self.pseudo_fraction > 0:
+            high = ((i, self._stored(i)["high"]) for i in ids)
+            self.labels, self.pseudo_by_class, _ = fit_pseudo_classes(
+                high, self.labels, pseudo.clusters, num_classes + 1, seed, min_pixels
+            )
+
+    def _stored(self, image_id: str) -> dict[str, torch.Tensor]:
+        feats = self.features.get(image_id)
+        return feats if feats is not None else self.store.features(image_id)
+
+    def episode(self, index: int):
+        """Training episode ``index``: of a pseudo-class with probability ``pseudo_classes.fraction`` (an
+        independent draw, so the episodes of the benchmark's classes are those of a run without them)."""
+        draw = np.random.default_rng([self.seed, index, 11]).random() if self.pseudo_fraction > 0 else 1.0
+        if draw < self.pseudo_fraction:
+            return train_episode(self.pseudo_by_class, self.shots, self.seed, index)
+        return train_episode(self.by_class, self.shots, self.seed, index, self.negative)
 
     def _item(self, image_id: str, class_id: int, flip: bool):
-        feats = self.features.get(image_id)
-        if feats is None:
-            feats = self.store.features(image_id)
+        feats = self._stored(image_id)
         mask = torch.from_numpy(
             binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64)
         )
@@ -117,7 +138,7 @@ class FeatureEpisodes:
     def batch(self, indices: list[int], device: torch.device) -> dict:
         q_feats, q_masks, s_feats, s_masks = [], [], [], []
         for index in indices:
-            ep = train_episode(self.by_class, self.shots, self.seed, index, self.negative)
+            ep = self.episode(index)
             flips = np.random.default_rng([self.seed, index, 7]).random(1 + self.shots) < self.flip
             f, m = self._item(ep.query, ep.class_id, bool(flips[0]))
             q_feats.append(f)
@@ -178,6 +199,11 @@ class Trainer:
                 f"model.method = {cfg.model.method} is training-free; evaluate it with `dedn eval`"
             )
         self.bench = bench or build_benchmark(cfg.data, progress=self.progress)
+        if self.bench.split.protocol == "cross":
+            raise ConfigError(
+                "data.protocol = cross is a test set (every class novel, no training pairs): train on a "
+                "benchmark with base classes and score the checkpoint with `dedn eval` on this config"
+            )
         if not self.bench.split.train_pairs:
             raise ConfigError("no training pairs: check data.fold, data.min_pixels and the data root")
         torch.manual_seed(cfg.train.seed)
@@ -248,6 +274,9 @@ class Trainer:
                 self.progress,
                 self.store,
                 cfg.train.negative_episodes,
+                cfg.train.pseudo_classes,
+                self.bench.train_source.num_classes,
+                cfg.data.min_pixels,
             )
             for indices in sampler:
                 yield episodes.batch(indices, self.device)

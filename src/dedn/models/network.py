@@ -85,6 +85,13 @@ class FewShotSegmenter(nn.Module):
             self.gate = FusionGate()
 
     @property
+    def fusion_members(self) -> list[str]:
+        """What AWF weighs (the columns of ``fusion_weights``): the experts, and the training-free matcher
+        when ``model.fusion.matcher`` names one."""
+        matcher = self.cfg.fusion.matcher
+        return self.expert_names + ([matcher] if self.method == "dedn" and matcher != "none" else [])
+
+    @property
     def trainable(self) -> bool:
         return self.method not in TRAINING_FREE
 
@@ -147,6 +154,10 @@ class FewShotSegmenter(nn.Module):
         if self.method == "dedn":
             probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
             mode = self.cfg.fusion.train_mode if self.training else self.cfg.fusion.mode
+            if mode == "awf" and len(self.fusion_members) > len(self.expert_names):
+                matcher = self._upsample({"logits": self._matcher_logits(query, supports, fg, bg)}, out_size)
+                out["matcher"] = {self.cfg.fusion.matcher: matcher["logits"]}
+                probs.append(matcher["logits"].softmax(dim=1))
             if mode == "gate":
                 if self.gate is None:
                     raise ValueError("model.fusion.mode = gate needs a model trained with model.fusion.gate")
@@ -246,14 +257,15 @@ class FewShotSegmenter(nn.Module):
             )
             pseudo_query = {n: t[:, i] for n, t in supports.items()}  # (B, C, h, w)
             pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K', C, h, w)
-            # the experts only: no fusion and no empty-support override are needed for the scores
+            # the members only: no fusion and no empty-support override are needed for the scores
             fg, bg = self._support_fractions(support_masks[:, rest], pseudo_query["mid"].shape[-2:])
-            out = self._upsample(self._expert_outputs(pseudo_query, pseudo_supports, fg, bg), out_size)
+            out = self._expert_outputs(pseudo_query, pseudo_supports, fg, bg)
+            if len(self.fusion_members) > len(self.expert_names):
+                out["experts"]["matcher"] = self._matcher_logits(pseudo_query, pseudo_supports, fg, bg)
+            out = self._upsample(out, out_size)
             target = _resized(support_masks[:, i], out_size)
             per_shot.append(
-                torch.stack(
-                    [soft_iou(out["experts"][e].softmax(dim=1)[:, 1], target) for e in self.expert_names], 1
-                )
+                torch.stack([soft_iou(x.softmax(dim=1)[:, 1], target) for x in out["experts"].values()], 1)
             )
         return torch.stack(per_shot, dim=1).mean(dim=1)  # (B, E)
 
@@ -279,6 +291,10 @@ class FewShotSegmenter(nn.Module):
                 per_shot.append(soft_iou(prob, _resized(support_masks[:, i], out_size)))
             scores.append(torch.stack(per_shot, dim=1).mean(dim=1))
         return torch.stack(scores, dim=1)
+
+    def _matcher_logits(self, query: dict, supports: dict, fg: Tensor, bg: Tensor) -> Tensor:
+        """The training-free member of the fusion (``model.fusion.matcher``) at the feature grid."""
+        return self._proto_logits(query["high"], supports["high"], fg, bg)
 
     def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
         """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""

@@ -1,0 +1,136 @@
+"""Score models trained on the offline PASCAL-5i folds on a cross-domain set (default: CamVid,
+``configs/camvid_cross.yaml``), next to the training-free methods, on the same episode files.
+
+Every fold's model is one run of ``dedn eval`` per fusion setting (``--matcher``); each run also scores
+every expert alone, plain averaging and the matcher from the same forward pass. ``proto`` and ``prior``
+do not depend on the fold and are scored once. The table is the mean over the fold models (mIoU, FB-IoU
+and per-class IoU, each first averaged over the seeds of a run), written to ``<out>/table.md`` and
+``<out>/table.json``; a run whose ``results.json`` exists is not repeated.
+
+    python scripts/cross_domain_table.py \
+        --checkpoint "runs/pascal-table/models/method=dedn-fold{fold}/checkpoints/best.pt"
+    python scripts/cross_domain_table.py --checkpoint "..." --split val --seeds 0        # tuning: CamVid val
+    python scripts/cross_domain_table.py --checkpoint "..." --shots 5 --out runs/camvid-5shot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dedn.config import load_config
+from dedn.engine.benchmark import build_source
+from dedn.utils.io import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "camvid_cross.yaml"
+TRAINING_FREE = ("proto", "prior")
+
+
+def run_eval(config: Path, out: Path, sets: list[str], checkpoint: str | None = None) -> dict:
+    """``dedn eval`` into ``out`` (once): its results.json, with the wall time."""
+    results = out / "results.json"
+    if not results.exists():
+        args = [sys.executable, "-m", "dedn.cli", "eval", str(config), "--quiet", "--output", str(out)]
+        if checkpoint:
+            args += ["--checkpoint", checkpoint]
+        start = time.perf_counter()
+        subprocess.run([*args, *[a for s in sets for a in ("--set", s)]], check=True, cwd=REPO)
+        atomic_write_json(out / "times.json", {"eval_seconds": time.perf_counter() - start})
+    return json.loads(results.read_text())
+
+
+def entries(result: dict, prefix: str) -> dict[str, dict]:
+    """Row name -> summary of every method a results.json scored (the model and what came with it)."""
+    method = result["method"]
+    rows = {prefix or method: result["summary"]}
+    for name, summary in result.get("experts", {}).items():
+        if name.startswith("matcher="):
+            continue  # the training-free matcher is the proto row, scored on its own
+        label = f"{name} expert" if "=" not in name else name.replace("fusion=", "fusion ")
+        rows[f"{prefix} / {label}" if prefix else label] = summary
+    return rows
+
+
+def mean_over(summaries: list[dict]) -> dict:
+    """Mean over fold models of mIoU, FB-IoU and per-class IoU (each a mean over seeds already)."""
+    classes = sorted({c for s in summaries for c in s["class_iou"]}, key=int)
+    return {
+        "miou": sum(s["miou"]["mean"] for s in summaries) / len(summaries),
+        "fbiou": sum(s["fbiou"]["mean"] for s in summaries) / len(summaries),
+        "class_iou": {
+            c: sum(s["class_iou"][c]["mean"] for s in summaries if c in s["class_iou"]) / len(summaries)
+            for c in classes
+        },
+        "models": len(summaries),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="each fold's trained model ('{fold}': the fold)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--split", default="test", help="the set's split (tune on val, report on test)")
+    parser.add_argument(
+        "--matcher", nargs="+", default=["proto", "none"], help="model.fusion.matcher values to score"
+    )
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--out", default=str(REPO / "runs" / "cross-domain"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    common = [
+        f"data.test_split={args.split}",
+        f"data.shots={args.shots}",
+        f"eval.episodes={args.episodes}",
+        f"eval.seeds=[{', '.join(map(str, args.seeds))}]",
+        f"eval.episode_dir={out / 'episodes'}",
+        *args.extra,
+    ]
+    config = Path(args.config)
+    table: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for method in TRAINING_FREE:
+        run = out / "eval" / method
+        result = run_eval(config, run, [*common, f"model.method={method}"])
+        table.setdefault(method, []).append(result["summary"])
+        seconds[method] = json.loads((run / "times.json").read_text())["eval_seconds"]
+    for matcher in args.matcher:
+        name = "dedn (AWF + proto)" if matcher == "proto" else "dedn (AWF)"
+        for fold in args.folds:
+            run = out / "eval" / f"dedn-matcher={matcher}-fold{fold}"
+            ckpt = args.checkpoint.replace("{fold}", str(fold))
+            result = run_eval(config, run, [*common, f"model.fusion.matcher={matcher}"], ckpt)
+            for row, summary in entries(result, name).items():
+                table.setdefault(row, []).append(summary)
+            seconds[f"{name} fold {fold}"] = json.loads((run / "times.json").read_text())["eval_seconds"]
+    rows = {row: mean_over(s) for row, s in table.items()}
+    classes = sorted(next(iter(rows.values()))["class_iou"], key=int)
+    names = build_source(load_config(config, common).data, args.split).class_names
+    header = [names[int(c) - 1] for c in classes]
+    lines = [
+        f"# Cross-domain: {config.name}, split {args.split}, {args.shots}-shot, {args.episodes} episodes x "
+        f"seeds {args.seeds}; trained rows: mean over the models of folds {args.folds}",
+        "",
+        "| method | mIoU | FB-IoU | " + " | ".join(header) + " |",
+        "|---|---|---|" + "---|" * len(header),
+    ]
+    for row, r in rows.items():
+        cells = " | ".join(f"{100 * r['class_iou'].get(c, float('nan')):.1f}" for c in classes)
+        lines.append(f"| {row} | {100 * r['miou']:.1f} | {100 * r['fbiou']:.1f} | {cells} |")
+    atomic_write_json(out / "table.json", {"rows": rows, "seconds": seconds, "settings": vars(args)})
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

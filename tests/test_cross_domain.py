@@ -1,0 +1,275 @@
+"""The cross-domain path: the label-map reader, the `cross` protocol, scoring a checkpoint trained
+elsewhere on it, and the background pseudo-classes of training (all on tiny trees made in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dedn.cli import main
+from dedn.config import DataConfig, load_config
+from dedn.data.base import IGNORE_INDEX
+from dedn.data.labelmap import LabelMapSource
+from dedn.data.protocol import cross_domain_split
+from dedn.data.pseudo_classes import (
+    assign_background,
+    fit_pseudo_classes,
+    pseudo_class_pairs,
+    spherical_kmeans,
+)
+from dedn.engine.benchmark import build_benchmark
+from dedn.errors import ConfigError, DataError
+from usage_helpers import make_checkpoint, toy_config
+
+CLASSES = ["sky", "road", "car"]
+
+
+def make_labelmap(root: Path, n: int = 6, void: int = 0, first: int = 1, size=(40, 48)) -> Path:
+    """``n`` images whose labels show every class in bands (top: class 1, middle: 2, a car box: 3) and a
+    void border row; ``test.txt`` lists the first half, ``val.txt`` the rest."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    h, w = size
+    rng = np.random.default_rng(0)
+    ids = [f"f{i:03d}" for i in range(n)]
+    for k, image_id in enumerate(ids):
+        label = np.full((h, w), first, dtype=np.uint8)  # sky
+        label[h // 2 :] = first + 1  # road
+        label[h // 2 : h // 2 + 10, 5 + k : 25 + k] = first + 2  # a car
+        label[0] = void
+        Image.fromarray(label, mode="L").save(root / "labels" / f"{image_id}.png")
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{image_id}.jpg")
+    (root / "test.txt").write_text("\n".join(ids[: n // 2]) + "\n")
+    (root / "val.txt").write_text("\n".join(ids[n // 2 :]) + "\n")
+    return root
+
+
+def test_labelmap_reader_maps_classes_and_void(tmp_path):
+    root = make_labelmap(tmp_path / "camvid")
+    source = LabelMapSource(root, split="test")
+    assert source.class_names == CLASSES and source.ids == ["f000", "f001", "f002"]
+    label = source.load_label("f000")
+    assert label.dtype == np.uint8
+    assert set(np.unique(label).tolist()) == {1, 2, 3, IGNORE_INDEX}
+    assert (label[0] == IGNORE_INDEX).all() and label[5, 0] == 1 and label[-1, -1] == 2
+    assert source.load_pair("f001")[0].shape == (40, 48, 3)
+    assert len(LabelMapSource(root).ids) == 6  # no split: every label
+
+
+def test_labelmap_reader_cityscapes_style_values(tmp_path):
+    """Class values from 0 with 255 as void (Cityscapes trainIds) give the same global labels."""
+    a = LabelMapSource(make_labelmap(tmp_path / "a"), void=[0], first_class_value=1)
+    b = LabelMapSource(make_labelmap(tmp_path / "b", void=255, first=0), void=[255], first_class_value=0)
+    for image_id in a.ids:
+        assert np.array_equal(a.load_label(image_id), b.load_label(image_id))
+    assert a.fingerprint() != b.fingerprint()  # the reading enters the cache key
+
+
+def test_labelmap_reader_errors_name_the_file(tmp_path):
+    root = make_labelmap(tmp_path / "set")
+    bad = np.full((40, 48), 9, dtype=np.uint8)
+    Image.fromarray(bad, mode="L").save(root / "labels" / "f001.png")
+    with pytest.raises(DataError, match=r"f001\.png has values \[9\]"):
+        LabelMapSource(root).load_label("f001")
+    (root / "images" / "f002.jpg").unlink()
+    with pytest.raises(DataError, match="have no image in .*images.*'f002'"):
+        LabelMapSource(root)
+    with pytest.raises(DataError, match="split list 'train' not found"):
+        LabelMapSource(root, split="train")
+    with pytest.raises(DataError, match="also class values"):
+        LabelMapSource(root, void=[1])
+    (root / "classes.txt").write_text("sky\nroad\nsky\n")
+    with pytest.raises(DataError, match="'sky' is listed twice"):
+        LabelMapSource(root)
+    (root / "classes.txt").unlink()
+    with pytest.raises(DataError, match="classes.txt not found"):
+        LabelMapSource(root)
+
+
+def test_cross_protocol_every_class_is_novel_and_nothing_is_trained(tmp_path):
+    counts = {"a": {1: 5000, 2: 100}, "b": {2: 3000, 3: 2048}}
+    split = cross_domain_split(counts, [1, 2, 3])
+    assert split.protocol == "cross" and split.base == [] and not split.train_pairs and not split.val_pairs
+    assert [(p.image_id, p.class_id) for p in split.test_pairs] == [("a", 1), ("b", 2), ("b", 3)]
+
+    root = make_labelmap(tmp_path / "set", size=(80, 96))
+    cfg = DataConfig(
+        benchmark="labelmap", root=str(root), protocol="cross", test_split="test", min_pixels=100
+    )
+    bench = build_benchmark(cfg)
+    assert bench.split.novel == [1, 2, 3]
+    assert {p.class_id for p in bench.split.test_pairs} == {1, 2, 3}
+    with pytest.raises(ConfigError, match="data.protocol = cross"):
+        build_benchmark(DataConfig(benchmark="labelmap", root=str(root), protocol="disjoint"))
+
+
+def _write_config(tmp_path: Path, root: Path) -> Path:
+    config = tmp_path / "cross.yaml"
+    config.write_text(
+        "data:\n  benchmark: labelmap\n  root: " + str(root) + "\n  protocol: cross\n  test_split: test\n"
+        "  image_size: 64\n  min_pixels: 100\nmodel:\n  backbone: toy\n  weights: null\n  channels: 16\n"
+        "eval:\n  episodes: 6\n  seeds: [0]\n"
+    )
+    return config
+
+
+def test_a_checkpoint_trained_elsewhere_is_scored_on_the_cross_domain_set(tmp_path):
+    """End to end through the CLI: a checkpoint of another benchmark (here: a toy DEDN), the trained
+    model with the matcher in AWF, and `proto`, on the same episode file; training on it is refused."""
+    root = make_labelmap(tmp_path / "set", size=(80, 96))
+    config = _write_config(tmp_path, root)
+    ckpt = make_checkpoint(tmp_path / "dedn.pt", toy_config(image_size=64))
+    episodes = tmp_path / "episodes"
+    common = ["--quiet", "--set", f"eval.episode_dir={episodes}"]
+    out = tmp_path / "dedn"
+    assert main(["eval", str(config), "--checkpoint", str(ckpt), "--output", str(out), *common,
+                 "--set", "model.fusion.matcher=proto"]) == 0  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    assert result["settings"]["protocol"] == "cross"
+    assert {"object", "scenario", "matcher=proto"} <= set(result["experts"])
+    assert main(["eval", str(config), "--set", "model.method=proto", "--output", str(tmp_path / "proto"),
+                 *common]) == 0  # fmt: skip
+    proto = json.loads((tmp_path / "proto" / "results.json").read_text())
+    # the matcher inside DEDN is the proto baseline, on the same episodes
+    matcher = result["experts"]["matcher=proto"]["miou"]["mean"]
+    assert proto["summary"]["miou"]["mean"] == pytest.approx(matcher)
+    assert len(list(episodes.glob("*.json"))) == 1
+    assert main(["train", str(config), "--quiet", "--output", str(tmp_path / "train")]) == 2
+
+
+def test_pseudo_class_config_is_checked():
+    with pytest.raises(ConfigError, match="fraction"):
+        load_config(None, ["train.pseudo_classes.fraction=1.5"])
+    with pytest.raises(ConfigError, match="feature_cache"):
+        load_config(None, ["train.pseudo_classes.fraction=0.3", "train.feature_cache=false"])
+    with pytest.raises(ConfigError, match="model.fusion.matcher"):
+        load_config(None, ["model.fusion.matcher=nearest"])
+
+
+def test_spherical_kmeans_finds_separated_directions_deterministically():
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(8)[:3]
+    noise = 0.05 * torch.randn(150, 8, generator=g)
+    x = torch.nn.functional.normalize(axes.repeat_interleave(50, 0) + noise, dim=1)
+    centres = spherical_kmeans(x, 3, seed=1)
+    assert torch.equal(centres, spherical_kmeans(x, 3, seed=1))
+    # each axis has one centre within a few degrees of it
+    assert (centres @ axes.T).max(dim=0).values.min() > 0.99
+    with pytest.raises(DataError, match="cannot form 4"):
+        spherical_kmeans(x[:3], 4, seed=0)
+
+
+def _two_region_image(split_col: int, size: int = 32, grid: int = 8):
+    """High features (2, grid, grid): direction e0 left of ``split_col`` cells, e1 right of it; a label
+    (size, size) whose centre square is an object (class 1) and the rest background."""
+    high = torch.zeros(2, grid, grid)
+    high[0, :, :split_col] = 1.0
+    high[1, :, split_col:] = 1.0
+    label = torch.zeros(size, size, dtype=torch.long)
+    label[12:20, 12:20] = 1
+    return high, label
+
+
+def test_background_pseudo_classes_follow_the_features_and_leave_objects_alone():
+    high, label = _two_region_image(4)
+    centres = torch.eye(2)
+    out = assign_background(high, label, centres, first_id=21)
+    assert torch.equal(out[12:20, 12:20], label[12:20, 12:20])  # the object keeps its class
+    assert out[0, 0] == 21 and out[0, -1] == 22  # left region: centre 0, right: centre 1
+    pairs = pseudo_class_pairs({"a": out}, [21, 22], min_pixels=100)
+    assert pairs == {21: ["a"], 22: ["a"]}
+    assert pseudo_class_pairs({"a": out}, [21, 22], min_pixels=10_000) == {}
+
+
+def test_positional_clusters_at_the_border_are_not_pseudo_classes():
+    """A third direction on the outer ring of cells only (as padding leaves in conv features) forms its own
+    cluster, which is dropped: its pixels stay background and it gets no pairs."""
+    feats, labels = [], {}
+    for i in range(6):
+        high, label = _two_region_image(2 + i % 4)
+        ring = torch.zeros(8, 8, dtype=torch.bool)
+        ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+        high = torch.cat([high, torch.zeros(1, 8, 8)])
+        high[:, ring] = torch.tensor([0.0, 0.0, 1.0])[:, None]
+        feats.append((f"im{i}", high))
+        labels[f"im{i}"] = label
+    relabelled, pairs, centres = fit_pseudo_classes(feats, labels, k=3, first_id=21, seed=0, min_pixels=20)
+    assert centres.shape == (3, 3)
+    ring_id = 21 + int((centres @ torch.tensor([0.0, 0.0, 1.0])).argmax())
+    assert ring_id not in pairs and len(pairs) == 2
+    for image_id, lab in relabelled.items():
+        assert not (lab == ring_id).any()
+        assert torch.equal(lab[12:20, 12:20], labels[image_id][12:20, 12:20])
+        assert lab[0, 0] == 0  # the corner is border: background
+
+
+def test_training_with_pseudo_classes_draws_them_at_the_given_share(tmp_path):
+    """A tiny synthetic training run with half of its episodes on pseudo-classes: those episodes use ids
+    after the benchmark's classes and masks from the relabelled background; the others are exactly the
+    episodes of a run without pseudo-classes; a resumed seed gives the same clusters."""
+    from dedn.data.episodes import train_episode
+    from dedn.engine.train import FeatureEpisodes, Trainer
+    from test_engine import tiny_config
+
+    cfg = tiny_config(tmp_path, "train.feature_cache=true", "train.pseudo_classes.fraction=0.5",
+                      "train.pseudo_classes.clusters=4", "data.min_pixels=64")  # fmt: skip
+    trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+
+    def episodes():
+        return FeatureEpisodes(
+            trainer.model, trainer.bench.train_source, trainer.by_class, 1, 64, 0.5, cfg.train.seed,
+            torch.device("cpu"), False, None, 0.0, cfg.train.pseudo_classes,
+            trainer.bench.train_source.num_classes, cfg.data.min_pixels,
+        )  # fmt: skip
+
+    fe = episodes()
+    n_classes = trainer.bench.train_source.num_classes
+    assert fe.pseudo_by_class and min(fe.pseudo_by_class) > n_classes
+    drawn = [fe.episode(i) for i in range(200)]
+    pseudo = [e for e in drawn if e.class_id > n_classes]
+    assert 70 < len(pseudo) < 130
+    real = [(i, e) for i, e in enumerate(drawn) if e.class_id <= n_classes]
+    assert all(e == train_episode(trainer.by_class, 1, cfg.train.seed, i) for i, e in real)
+    batch = fe.batch([drawn.index(pseudo[0])], torch.device("cpu"))
+    assert (batch["query_mask"] == 1).any() and (batch["support_masks"] == 1).any()
+    again = episodes()
+    assert all(torch.equal(again.labels[k], fe.labels[k]) for k in fe.labels)
+    trainer.fit()
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+
+
+def test_cross_domain_table_averages_the_fold_models(tmp_path):
+    """scripts/cross_domain_table.py: each fold's checkpoint scored with and without the matcher, proto
+    and prior once, the table the mean over the fold models; finished runs are not repeated."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    root = make_labelmap(tmp_path / "set", size=(80, 96))
+    config = _write_config(tmp_path, root)
+    for fold in (0, 1):
+        make_checkpoint(tmp_path / f"m{fold}.pt", toy_config(image_size=64), seed=fold)
+    out = tmp_path / "table"
+    args = [sys.executable, str(repo / "scripts" / "cross_domain_table.py"), "--config", str(config),
+            "--checkpoint", str(tmp_path / "m{fold}.pt"), "--folds", "0", "1", "--seeds", "0", "1",
+            "--episodes", "4", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert {"proto", "prior", "dedn (AWF + proto)", "dedn (AWF)", "dedn (AWF) / object expert"} <= set(rows)
+    runs = [json.loads((out / "eval" / f"dedn-matcher=proto-fold{f}" / "results.json").read_text())
+            for f in (0, 1)]  # fmt: skip
+    expected = sum(r["summary"]["miou"]["mean"] for r in runs) / 2
+    assert rows["dedn (AWF + proto)"]["miou"] == pytest.approx(expected)
+    assert rows["dedn (AWF + proto)"]["models"] == 2 and rows["proto"]["models"] == 1
+    assert "| method | mIoU | FB-IoU | sky | road | car |" in (out / "table.md").read_text()
+    stamp = (out / "eval" / "proto" / "results.json").stat().st_mtime_ns
+    assert subprocess.run(args, capture_output=True, cwd=repo).returncode == 0
+    assert (out / "eval" / "proto" / "results.json").stat().st_mtime_ns == stamp
