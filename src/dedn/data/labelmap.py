@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dedn.data.base import IGNORE_INDEX, SegmentationSource, files_fingerprint
-from dedn.data.voc import read_list_file, read_mask, read_rgb
+from dedn.data.voc import find_list_file, read_list_file, read_mask, read_rgb
 from dedn.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -104,7 +104,7 @@ class LabelMapSource(SegmentationSource):
             if not self._ids:
                 raise DataError(f"no label PNGs found in {self.label_dir}")
         else:
-            self.list_file = self._find_list(split)
+            self.list_file = find_list_file(split, [self.root])
             self._ids = read_list_file(self.list_file)
             missing = [i for i in self._ids if i not in labels]
             if missing:
@@ -134,15 +134,6 @@ class LabelMapSource(SegmentationSource):
             1, self.num_classes + 1
         )
         return lut
-
-    def _find_list(self, split: str | os.PathLike) -> Path:
-        given = Path(split)
-        candidates = [given] if given.suffix == ".txt" or len(given.parts) > 1 else []
-        candidates.append(self.root / f"{split}.txt")
-        for c in candidates:
-            if c.is_file():
-                return c
-        raise DataError(f"split list {str(split)!r} not found; looked for {', '.join(map(str, candidates))}")
 
     @property
     def ids(self) -> list[str]:

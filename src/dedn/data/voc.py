@@ -99,6 +99,18 @@ def read_list_file(path: Path) -> list[str]:
     return list(ids)
 
 
+def find_list_file(split: str | os.PathLike, folders: Sequence[Path]) -> Path:
+    """The list file of ``split``: a given path (``*.txt`` or with a folder), else ``<folder>/<split>.txt``
+    in the first of ``folders`` that has it."""
+    given = Path(split)
+    candidates = [given] if given.suffix == ".txt" or len(given.parts) > 1 else []
+    candidates += [folder / f"{split}.txt" for folder in folders]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"split list {str(split)!r} not found; looked for {', '.join(map(str, candidates))}")
+
+
 class VOCSource(SegmentationSource):
     """PASCAL VOC images with ``SegmentationClassAug`` labels (classes 1..20 in VOC order).
 
@@ -140,13 +152,7 @@ class VOCSource(SegmentationSource):
             self._ids = read_list_file(self.list_file)
 
     def _find_list(self, split: str | os.PathLike) -> Path:
-        given = Path(split)
-        candidates = [given] if given.suffix == ".txt" or len(given.parts) > 1 else []
-        candidates += [self.root / f"{split}.txt", self.root / "ImageSets" / "Segmentation" / f"{split}.txt"]
-        for c in candidates:
-            if c.is_file():
-                return c
-        raise DataError(f"split list {str(split)!r} not found; looked for {', '.join(map(str, candidates))}")
+        return find_list_file(split, [self.root, self.root / "ImageSets" / "Segmentation"])
 
     @property
     def ids(self) -> list[str]:
