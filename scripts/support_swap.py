@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dedn.cli import load_trained_model
 from dedn.config import load_config
 from dedn.data.episodes import binarize, read_episodes
 from dedn.engine.benchmark import build_benchmark
+from dedn.engine.checkpoint import load_trained_model
 from dedn.engine.evaluate import EpisodeRunner
 from dedn.engine.features import open_feature_store
 from dedn.engine.train import validation_episodes

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from dedn.cli import load_trained_model
 from dedn.config import load_config
 from dedn.engine.benchmark import build_benchmark
+from dedn.engine.checkpoint import load_trained_model
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import open_feature_store
 from dedn.engine.train import Trainer, validation_episodes

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dedn.cli import load_trained_model, main
+from dedn.cli import main
 from dedn.config import load_config, to_dict
 from dedn.data.episodes import sample_test_episodes
 from dedn.engine.benchmark import build_benchmark
-from dedn.engine.checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from dedn.engine.checkpoint import load_checkpoint, load_trained_model, save_checkpoint, trainable_state
 from dedn.engine.distributed import resolve_device
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache
@@ -373,3 +373,16 @@ def test_pseudo_novel_validation_uses_only_the_held_out_classes(tmp_path):
     assert all(p.class_id not in (6, 7) for p in bench.split.train_pairs)
     with pytest.raises(ConfigError, match=r"data.val_classes = \[3\] \(fold 0\).*not base classes"):
         build_benchmark(tiny_config(tmp_path, "data.val_classes=[3]").data, progress=False)
+
+
+def test_demo_and_app_do_not_import_the_command_line():
+    """One entry point per concern: the model loader lives in the engine, and dedn.cli imports dedn.demo
+    (its `demo` subcommand), never the other way round; no import anywhere in their source, lazy or not."""
+    import ast
+
+    for module in ("demo", "app"):
+        tree = ast.parse((REPO / "src" / "dedn" / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "dedn.cli" not in imported, module
+        assert module != "demo" or "dedn.engine.checkpoint" in imported

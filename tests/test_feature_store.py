@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from dedn.cli import load_trained_model, main
+from dedn.cli import main
 from dedn.data.episodes import sample_test_episodes
 from dedn.data.transforms import TestTransform
 from dedn.engine.benchmark import build_benchmark
-from dedn.engine.checkpoint import trainable_state
+from dedn.engine.checkpoint import load_trained_model, trainable_state
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache, ImageEncoder, build_feature_store, feature_store_key
 from dedn.engine.train import Trainer

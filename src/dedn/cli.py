@@ -28,10 +28,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from dedn.config import load_config
+    from dedn.utils.io import check_dir
 
     cfg = load_config(args.config, args.overrides)
     if args.output:
         cfg.output_dir = args.output
+    if args.func in (cmd_train, cmd_eval):
+        # refuse an output folder that cannot exist before any work, not after an hour of it
+        check_dir(cfg.output_dir)
     return cfg
 
 
@@ -68,35 +72,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_trained_model(cfg, checkpoint: str | None, device):
-    """The model of ``cfg`` with the weights of ``checkpoint`` (checked to be the same configuration)."""
-    from dedn.engine.checkpoint import (
-        check_compatible,
-        checkpoint_config,
-        file_sha256,
-        load_checkpoint,
-        load_model_state,
-    )
-    from dedn.errors import CheckpointError
-    from dedn.models.network import FewShotSegmenter
-
-    model = FewShotSegmenter(cfg.model)
-    digest = None
-    if checkpoint:
-        if not model.trainable:
-            raise CheckpointError(
-                f"model.method = {cfg.model.method} is training-free and takes no checkpoint"
-            )
-        state = load_checkpoint(checkpoint)
-        check_compatible(checkpoint_config(state, checkpoint), cfg, checkpoint)
-        load_model_state(model, state["model"], checkpoint)
-        digest = file_sha256(checkpoint)
-    elif model.trainable:
-        raise CheckpointError(f"model.method = {cfg.model.method} must be trained: pass --checkpoint")
-    return model.to(device).eval(), digest
-
-
 def cmd_eval(args) -> int:
+    from dedn.engine.checkpoint import load_trained_model
     from dedn.engine.evaluate import format_summary, run_evaluation
 
     cfg = _load(args)
@@ -142,9 +119,10 @@ _PREDICT_OUTPUTS = ("_mask.png", "_overlay.jpg")
 def cmd_predict(args) -> int:
     from dedn.errors import DataError
     from dedn.predict import Predictor, find_images, predict_files
+    from dedn.utils.io import check_dir
 
     queries, ignored = find_images(args.query)
-    out = Path(args.out).resolve()
+    out = check_dir(args.out, "--out folder").resolve()
     # with --out inside a query folder, a second run must not segment the first run's outputs
     queries = [q for q in queries if not (q.resolve().parent == out and q.name.endswith(_PREDICT_OUTPUTS))]
     if not queries:

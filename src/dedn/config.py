@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,11 @@ class DataConfig:
     #: made of them alone, as the test is made of the novel classes. Replaces the random hold-out of
     #: ``val_fraction``. Null: validation on held-out images of the training classes.
     val_classes: list[int] | None = None
+    #: a file of test pairs replacing the fold's eligible pairs: one ``<image id>__<class id>`` per line
+    #: (HSNet's list format, e.g. data/splits/pascal/val/fold0.txt of its repository; class ids 1-based),
+    #: so that a fold is scored on exactly another code base's pairs. HSNet's PASCAL lists do not follow the
+    #: 2,048-pixel rule: no threshold is applied to the listed pairs. Null: the protocol's pairs
+    pair_list: str | None = None
     #: longer side of the network input (test: resize + pad; train: crop size)
     image_size: int = 160
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -273,6 +279,11 @@ class EvalConfig:
     feature_cache: bool = True
     #: where episode files are written/read; null = <output>/episodes
     episode_dir: str | None = None
+    #: a class of the fold that no episode scored (no pixel of it in any union): skip (left out of the
+    #: mIoU, with a warning; the mean is then over fewer classes) | zero (averaged in as IoU 0, as
+    #: PFENet's, BAM's and HSNet's evaluation code do). With 1,000 episodes per fold every class is scored
+    #: in practice; "skip" is the default because a 0 would report a sampling gap as a model failure
+    missing_class: str = "skip"
 
 
 @dataclass
@@ -305,7 +316,51 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion.matcher": ("none", "proto"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "loss.distill.mode": ("correct", "foreground", "off"),
+    "eval.missing_class": ("skip", "zero"),
 }
+
+#: integer settings and their smallest valid value (a 0 here would divide by zero or loop forever)
+MINIMUMS: dict[str, int] = {
+    "data.fold": 0,
+    "data.min_pixels": 0,
+    "model.channels": 1,
+    "model.object.ocg.steps": 0,
+    "model.object.ocg.window": 0,
+    "model.object.groups": 1,
+    "model.scenario.attention_dim": 1,
+    "model.scenario.heads": 1,
+    "loss.contrast.background_grid": 1,
+    "train.steps": 1,
+    "train.batch_size": 1,
+    "train.log_every": 1,
+    "train.val_every": 1,
+    "train.val_episodes": 0,  # 0: no validation (the final model is kept)
+    "train.checkpoint_every": 1,
+    "train.workers": 0,
+    "train.loss_size": 8,
+    "train.pseudo_classes.clusters": 0,
+    "eval.episodes": 1,
+}
+
+#: number settings that must be > 0 (a temperature of 0 divides by zero; a learning rate of 0 trains nothing)
+POSITIVE: tuple[str, ...] = (
+    "train.lr",
+    "model.object.ocg.temperature",
+    "model.scenario.temperature",
+    "model.fusion.temperature",
+    "loss.distill.temperature",
+    "loss.contrast.temperature",
+)
+
+#: number settings that must lie in [0, 1) (a probability or a fraction of a set)
+UNIT_INTERVAL: tuple[str, ...] = (
+    "data.val_fraction",
+    "model.dropout",
+    "train.momentum",
+    "train.negative_episodes",
+    "train.pseudo_classes.fraction",
+    "train.augment.flip",
+)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -389,6 +444,33 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key} = {flat[key]!r}; expected one of: {', '.join(allowed)}")
+    for key, value in flat.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key} = {value!r}; expected a finite number")
+    for key, low in MINIMUMS.items():
+        if flat[key] is not None and flat[key] < low:
+            raise ConfigError(f"{key} = {flat[key]}; expected at least {low}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key} = {flat[key]}; expected a number > 0")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= flat[key] < 1.0:
+            raise ConfigError(f"{key} = {flat[key]}; expected 0 <= p < 1")
+    for key in ("train.weight_decay", "train.poly_power", "train.augment.rotate", "train.augment.blur"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key} = {flat[key]}; expected a number >= 0")
+    weights = ("expert_ce", "fused_ce", "gate_ce", "distill.weight", "contrast.weight")
+    for key in (f"loss.{w}" for w in weights):
+        if flat[key] < 0:
+            raise ConfigError(f"{key} = {flat[key]}; expected a loss weight >= 0")
+    if not cfg.eval.seeds:
+        raise ConfigError("eval.seeds = []; expected at least one seed, e.g. [0]")
+    if any(rate < 1 for rate in cfg.model.object.aspp_rates) or not cfg.model.object.aspp_rates:
+        raise ConfigError(f"model.object.aspp_rates = {cfg.model.object.aspp_rates}; expected rates >= 1")
+    scale = cfg.train.augment.scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ConfigError(f"train.augment.scale = {scale}; expected [low, high] with 0 < low <= high")
     if cfg.data.shots < 1:
         raise ConfigError(f"data.shots = {cfg.data.shots}; expected at least 1")
     if cfg.data.image_size < 32:
@@ -408,16 +490,12 @@ def validate(cfg: Config) -> Config:
                 f"model.scenario.attention_dim ({m.scenario.attention_dim})"
             )
     pc = cfg.train.pseudo_classes
-    if not 0.0 <= pc.fraction < 1.0:
-        raise ConfigError(f"train.pseudo_classes.fraction = {pc.fraction}; expected 0 <= p < 1")
     if pc.fraction > 0 and pc.clusters < 2:
         raise ConfigError(f"train.pseudo_classes.clusters = {pc.clusters}; expected at least 2")
     if pc.fraction > 0 and not cfg.train.feature_cache:
         raise ConfigError(
             "train.pseudo_classes needs train.feature_cache = true (they are fitted on the stored features)"
         )
-    if not 0.0 <= cfg.train.negative_episodes < 1.0:
-        raise ConfigError(f"train.negative_episodes = {cfg.train.negative_episodes}; expected 0 <= p < 1")
     return cfg
 
 

@@ -37,8 +37,8 @@ DEMO_OVERRIDES = [
 
 
 def main(args) -> int:
-    from dedn.cli import load_trained_model
     from dedn.engine.benchmark import build_benchmark
+    from dedn.engine.checkpoint import load_trained_model
     from dedn.engine.evaluate import run_evaluation
     from dedn.engine.train import Trainer
     from dedn.vis import EpisodeRecorder

@@ -20,3 +20,7 @@ class ConfigError(DednError, ValueError):
 
 class CheckpointError(DednError, ValueError):
     """A checkpoint or weight file does not fit the model it is loaded into."""
+
+
+class OutputError(DednError, ValueError):
+    """An output folder or file cannot be created (a path under a regular file, no permission, ...)."""

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from dedn.data.transforms import PAD_RGB
 from dedn.errors import ConfigError, DednError
+from dedn.utils.io import make_dir
 
 __all__ = ["EpisodeGraph", "ExportReport", "export_onnx", "pooling_matrix", "run_onnx"]
 
@@ -151,7 +152,7 @@ def export_onnx(
     if not isinstance(image_size, int) or image_size < 32:
         raise ConfigError(f"image size must be an integer of at least 32, got {image_size!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "folder of --out")
     model = model.to("cpu").eval()
     graph = EpisodeGraph(model).eval()
     with torch.no_grad():

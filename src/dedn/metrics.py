@@ -55,9 +55,10 @@ class FewShotIoU:
     background intersections and unions and the episode count.
 
     A class that was never sampled (or whose union is empty) has an undefined IoU: it is reported as
-    ``None`` in ``class_iou``, listed in ``missing_classes``, and left out of ``miou`` (the mean over the
-    classes that were scored); ``compute()`` also emits a ``RuntimeWarning`` then, since a fold's mIoU
-    over fewer classes is not comparable with a full one.
+    ``None`` in ``class_iou``, listed in ``missing_classes``, and by default left out of ``miou`` (the mean
+    over the classes that were scored); ``compute(missing="zero")`` averages it in as 0 instead, as the
+    evaluation code of PFENet, BAM and HSNet does. ``compute()`` emits a ``RuntimeWarning`` either way,
+    since such a fold's mIoU is not comparable with a full one.
     """
 
     def __init__(self, class_ids: Iterable[int], ignore_index: int = 255):
@@ -216,12 +217,13 @@ class FewShotIoU:
         return self
 
     # -- results --------------------------------------------------------------------------------------------
-    def compute(self) -> dict[str, Any]:
+    def compute(self, missing: str = "skip") -> dict[str, Any]:
         """The metrics as fractions in [0, 1] (``None`` where undefined).
 
-        Keys: ``miou``, ``fbiou``, ``fg_iou``, ``bg_iou``, ``class_iou`` {class id: IoU or None},
-        ``class_episodes`` {class id: count}, ``missing_classes`` (classes without a defined IoU, left out
-        of ``miou``), ``episodes``.
+        ``missing``: what a class without a defined IoU does to ``miou``: "skip" (left out) or "zero"
+        (counted as 0). Keys: ``miou``, ``fbiou``, ``fg_iou``, ``bg_iou``, ``class_iou`` {class id: IoU or
+        None}, ``class_episodes`` {class id: count}, ``missing_classes`` (classes without a defined IoU),
+        ``episodes``.
         """
         inter = self.class_intersection.cpu().tolist()
         union = self.class_union.cpu().tolist()
@@ -230,15 +232,21 @@ class FewShotIoU:
         class_iou: dict[int, float | None] = {
             c: (inter[i] / union[i] if union[i] > 0 else None) for i, c in enumerate(self.class_ids)
         }
-        missing = [c for c, v in class_iou.items() if v is None]
+        if missing not in ("skip", "zero"):
+            raise ConfigError(f"FewShotIoU.compute: missing = {missing!r}; expected 'skip' or 'zero'")
+        absent = [c for c, v in class_iou.items() if v is None]
         scored = [v for v in class_iou.values() if v is not None]
-        if missing and n > 0:
-            warnings.warn(
-                f"FewShotIoU: no scored pixels for class(es) {missing}; mIoU is the mean over the other "
-                f"{len(scored)} of {len(self.class_ids)} classes",
-                RuntimeWarning,
-                stacklevel=2,
+        if absent and n > 0:
+            how = (
+                f"mIoU is the mean over the other {len(scored)} of {len(self.class_ids)} classes"
+                if missing == "skip"
+                else f"they count as IoU 0 in the mean over all {len(self.class_ids)} classes"
             )
+            warnings.warn(
+                f"FewShotIoU: no scored pixels for class(es) {absent}; {how}", RuntimeWarning, stacklevel=2
+            )
+        if missing == "zero" and scored:
+            scored = scored + [0.0] * len(absent)
         fg_iou = fg_i / fg_u if fg_u > 0 else None
         bg_iou = bg_i / bg_u if bg_u > 0 else None
         fbiou = (fg_iou + bg_iou) / 2 if fg_iou is not None and bg_iou is not None else None
@@ -249,7 +257,7 @@ class FewShotIoU:
             "bg_iou": bg_iou,
             "class_iou": class_iou,
             "class_episodes": dict(zip(self.class_ids, episodes, strict=True)),
-            "missing_classes": missing,
+            "missing_classes": absent,
             "episodes": int(n),
         }
 

@@ -43,6 +43,7 @@ from dedn.data.base import IGNORE_INDEX
 from dedn.data.transforms import PAD_RGB, TestTransform, restore_logits
 from dedn.engine.distributed import resolve_device
 from dedn.errors import CheckpointError, ConfigError, DataError
+from dedn.utils.io import make_dir
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -666,7 +667,7 @@ def predict_files(
     from dedn.vis import overlay
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out folder")
     summary = FolderSummary(ignored=list(ignored))
     bar = tqdm(
         list(zip(queries, output_names(queries), strict=True)),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dedn.errors import DataError
 from dedn.utils.io import hash_file
@@ -62,15 +63,35 @@ class SegmentationSource(ABC):
         self._check_values(image_id, label)
         return label
 
+    def image_hw(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of the image as :meth:`load_image` returns it; from the file's header where the source
+        has image files (no decoding), else by loading the image."""
+        image_path = getattr(self, "image_path", None)
+        if image_path is not None:
+            path = image_path(image_id)
+            try:
+                with Image.open(path) as im:
+                    return im.height, im.width
+            except FileNotFoundError:
+                raise DataError(f"image file not found: {path}") from None
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"cannot read image {path}: {e}") from None
+        return tuple(self.load_image(image_id).shape[:2])
+
+    def check_same_size(self, image_id: str, image_hw: tuple[int, int], label_hw: tuple[int, int]) -> None:
+        """DataError naming the image if its mask is not of the image's size (the prediction, made on the
+        image, would be scored against a mask of other pixels)."""
+        if tuple(image_hw[:2]) != tuple(label_hw[:2]):
+            raise DataError(
+                f"{self.describe(image_id)}: mask is {label_hw[1]}x{label_hw[0]} (WxH) but the image "
+                f"is {image_hw[1]}x{image_hw[0]}; image and mask must have the same size"
+            )
+
     def load_pair(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W, 3) uint8 and label (H, W) uint8, checked to have the same size."""
         image = self.load_image(image_id)
         label = self.load_label(image_id)
-        if image.shape[:2] != label.shape[:2]:
-            raise DataError(
-                f"{self.describe(image_id)}: mask is {label.shape[1]}x{label.shape[0]} (WxH) but the image "
-                f"is {image.shape[1]}x{image.shape[0]}; image and mask must have the same size"
-            )
+        self.check_same_size(image_id, image.shape, label.shape)
         return image, label
 
     def _check_values(self, image_id: str, label: np.ndarray) -> None:

@@ -6,7 +6,10 @@ images, so a split of PASCAL or COCO is built in milliseconds once the index exi
 Rules (see shared/PROTOCOL.md):
 
 - an (image, class) pair is *eligible* when the class covers at least ``MIN_PIXELS = 2 * 32 * 32`` label
-  pixels (PFENet's rule, used by BAM, HSNet, HDMNet), for training and test lists alike;
+  pixels (PFENet's rule, also BAM's and HDMNet's), for training and test lists alike. HSNet's PASCAL-5i
+  test lists (``data/splits/pascal/val/fold*.txt`` in its repository) do not follow it: on the same masks
+  they hold pairs of 1,146-2,033 pixels and miss pairs of 2,053-5,233. :func:`read_pair_list` reads such a
+  list (``data.pair_list``) so that a fold can be scored on exactly its pairs;
 - training pairs use base classes only. Images that also show a novel class are either kept, the novel
   pixels becoming background in the binary episode mask (``novel_in_train="keep"``, PFENet/HSNet), or
   dropped whenever any novel pixel is present (``"drop"``, BAM/HDMNet);
@@ -18,8 +21,10 @@ Rules (see shared/PROTOCOL.md):
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dedn.errors import DataError
 
@@ -222,6 +227,50 @@ def cross_domain_split(counts: Counts, classes: Sequence[int], min_pixels: int =
         test_pairs=eligible_pairs(counts, classes, min_pixels),
         protocol="cross",
     )
+
+
+def read_pair_list(path: str | os.PathLike, counts: Counts, classes: Sequence[int]) -> list[Pair]:
+    """Test pairs from a list file in HSNet's format: one ``<image id>__<class id>`` per line, the class
+    id 1-based in the benchmark's class order (``2007_000033__1``; zero-padded ids such as ``__01`` are
+    read too). Blank lines and lines starting with ``#`` are skipped, repeated pairs are kept once.
+
+    The pairs replace the fold's eligible test pairs as they are: no pixel threshold is applied (HSNet's
+    lists do not follow the 2,048-pixel rule). Every pair must name an image of the test set (``counts``),
+    one of ``classes`` (the fold's novel classes), and an image that shows at least one pixel of it;
+    otherwise DataError names the file, the line and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pair list {path} does not exist")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"pair list {path}: cannot be read as text ({e})") from None
+    wanted = set(classes)
+    pairs: list[Pair] = []
+    seen: set[Pair] = set()
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"pair list {path}, line {number} ({line!r})"
+        image_id, sep, class_text = line.rpartition("__")
+        if not sep or not image_id or not class_text.isdigit():
+            raise DataError(f"{where}: expected <image id>__<class id>, e.g. 2007_000033__1")
+        class_id = int(class_text)
+        if class_id not in wanted:
+            raise DataError(f"{where}: class {class_id} is not a novel class of this fold ({sorted(wanted)})")
+        if image_id not in counts:
+            raise DataError(f"{where}: image {image_id!r} is not in the test set")
+        if counts[image_id].get(class_id, 0) <= 0:
+            raise DataError(f"{where}: image {image_id!r} shows no pixel of class {class_id}")
+        pair = Pair(image_id, class_id)
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    if not pairs:
+        raise DataError(f"pair list {path} holds no pair")
+    return pairs
 
 
 def hold_out_classes(

@@ -31,7 +31,8 @@ from dedn.data.base import IGNORE_INDEX
 from dedn.errors import ConfigError, DataError
 
 #: Fill colour (RGB in [0, 1]) for image padding: the ImageNet mean, so that padding is zero after the
-#: backbone's normalisation, as in PFENet/BAM (which pad with the mean before normalising).
+#: backbone's normalisation. PFENet and BAM pad their training crops with the mean too, but their test
+#: resize pads with 0 (black); here training and test share the mean (TestTransform's ``fill``).
 PAD_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 # PFENet/BAM's RandomGaussianBlur calls cv2.GaussianBlur with a 5x5 kernel and sigma 0, for which OpenCV
@@ -111,8 +112,8 @@ def _to_float(image: torch.Tensor) -> torch.Tensor:
     return image.to(torch.float32).div_(255.0)
 
 
-def _pad_tensor(dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(PAD_RGB, dtype=dtype).view(1, 3, 1, 1)
+def _pad_tensor(dtype: torch.dtype = torch.float32, fill: Sequence[float] = PAD_RGB) -> torch.Tensor:
+    return torch.tensor(tuple(fill), dtype=dtype).view(1, 3, 1, 1)
 
 
 def _hw_pair(value: object, name: str) -> tuple[int, int]:
@@ -154,14 +155,23 @@ class TestTransform:
     square (needed by :func:`restore_logits`). Either input may be ``None``: an image alone (prediction on
     a user's picture) or a label alone (a support mask whose image features are cached); the two go
     through the same geometry, so separate calls stay aligned.
+
+    ``fill``: the padding's RGB in [0, 1]. The project pads with the ImageNet mean everywhere (training
+    and test), so that padding is 0 after normalisation. PFENet's and BAM's test code pads the resized
+    image with 0 (black) instead, the mean being used only by their training crops; ``fill=(0, 0, 0)``
+    reproduces that (``scripts/pad_fill.py`` compares the two on trained models).
     """
 
     __test__ = False  # the name starts with "Test": keep pytest from collecting it
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, fill: Sequence[float] = PAD_RGB):
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"TestTransform size must be a positive integer, got {size!r}")
+        fill = tuple(float(v) for v in fill)
+        if len(fill) != 3 or not all(0.0 <= v <= 1.0 for v in fill):
+            raise ConfigError(f"TestTransform fill must be 3 values in [0, 1], got {fill!r}")
         self.size = size
+        self.fill = fill
 
     def scaled_hw(self, hw: Sequence[int]) -> tuple[int, int]:
         """Size ``(h, w)`` of the content for an ``(H, W)`` input (what ``__call__`` returns third)."""
@@ -185,7 +195,7 @@ class TestTransform:
         out_img = None
         if img is not None:
             img, _ = _resize_pair(img, None, (h, w))
-            out_img = _pad_tensor().expand(1, 3, size, size).clone()[0]
+            out_img = _pad_tensor(fill=self.fill).expand(1, 3, size, size).clone()[0]
             out_img[:, :h, :w] = _to_float(img[0])
         out_lab = None
         if lab is not None:

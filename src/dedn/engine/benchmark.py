@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from dedn.data.protocol import (
     disjoint_split,
     hold_out_classes,
     pairs_by_class,
+    read_pair_list,
     standard_split,
 )
 from dedn.errors import ConfigError, DataError
@@ -31,9 +34,12 @@ class Benchmark:
     test_source: SegmentationSource
     split: FewShotSplit
     convention: str
+    #: sha256 (first 16 hex digits) of the data.pair_list file whose pairs are the test pairs, or None
+    pair_list: str | None = None
 
     def episode_meta(self, shots: int, seed: int, n: int) -> dict:
         """What an episode file must agree on to be reused for a run."""
+        extra = {"pair_list": self.pair_list} if self.pair_list else {}
         return episode_meta(
             self.name,
             self.fold,
@@ -43,6 +49,7 @@ class Benchmark:
             self.test_source.fingerprint(),
             convention=self.convention,
             protocol=self.split.protocol,
+            **extra,
         )
 
 
@@ -99,6 +106,8 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             "data.benchmark = labelmap has no fold table to train on; use data.protocol = cross (every "
             f"class novel, test episodes only), not {cfg.protocol!r}"
         )
+    if cfg.pair_list is not None and cfg.val_classes is not None:
+        raise ConfigError("data.pair_list and data.val_classes cannot be combined")
     if cfg.protocol == "cross":
         if cfg.fold != 0:
             raise ConfigError(f"data.protocol = cross has a single fold (0); got data.fold = {cfg.fold}")
@@ -107,7 +116,8 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
         test_counts = class_pixel_counts(test_source, progress=progress)
         classes = list(range(1, test_source.num_classes + 1))
         split = cross_domain_split(test_counts, classes, min_pixels)
-        return Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
+        bench = Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
+        return _with_pair_list(bench, cfg, test_counts)
     if cfg.benchmark == "folders":
         # a user's own class folders: every class is novel, there is nothing to train on
         novel, base = list(range(1, test_source.num_classes + 1)), []
@@ -139,4 +149,16 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             split = hold_out_classes(split, train_counts, cfg.val_classes, min_pixels)
         except DataError as e:
             raise ConfigError(f"data.val_classes = {cfg.val_classes} (fold {cfg.fold}): {e}") from None
-    return Benchmark(cfg.benchmark, cfg.fold, train_source, test_source, split, convention)
+    bench = Benchmark(cfg.benchmark, cfg.fold, train_source, test_source, split, convention)
+    return _with_pair_list(bench, cfg, test_counts)
+
+
+def _with_pair_list(bench: Benchmark, cfg: DataConfig, test_counts) -> Benchmark:
+    """``bench`` with the test pairs of ``cfg.pair_list`` (HSNet's list format), if one is given."""
+    if cfg.pair_list is None:
+        return bench
+    pairs = read_pair_list(cfg.pair_list, test_counts, bench.split.novel)
+    digest = hashlib.sha256(Path(cfg.pair_list).read_bytes()).hexdigest()[:16]
+    return dataclasses.replace(
+        bench, split=dataclasses.replace(bench.split, test_pairs=pairs), pair_list=digest
+    )

@@ -54,6 +54,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a dedn checkpoint (expected keys 'model' and 'config')")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(
+            f"{path}: its 'config' entry is a {type(state['config']).__name__}, not a mapping of settings"
+        )
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise CheckpointError(f"{path}: its 'model' entry is not a mapping of weight names to tensors")
     return state
 
 
@@ -103,6 +112,26 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     from dedn.models.backbones import load_strict
 
     load_strict(model, state, path, "the model", allow_missing=lambda key: key.startswith("backbone."))
+
+
+def load_trained_model(cfg, checkpoint: str | None, device):
+    """The model of ``cfg`` with the weights of ``checkpoint`` (checked to be the same configuration)."""
+    from dedn.models.network import FewShotSegmenter
+
+    model = FewShotSegmenter(cfg.model)
+    digest = None
+    if checkpoint:
+        if not model.trainable:
+            raise CheckpointError(
+                f"model.method = {cfg.model.method} is training-free and takes no checkpoint"
+            )
+        state = load_checkpoint(checkpoint)
+        check_compatible(checkpoint_config(state, checkpoint), cfg, checkpoint)
+        load_model_state(model, state["model"], checkpoint)
+        digest = file_sha256(checkpoint)
+    elif model.trainable:
+        raise CheckpointError(f"model.method = {cfg.model.method} must be trained: pass --checkpoint")
+    return model.to(device).eval(), digest
 
 
 def file_sha256(path: str | Path) -> str:

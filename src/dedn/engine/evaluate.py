@@ -44,10 +44,18 @@ class EpisodeResult:
 class EpisodeRunner:
     """Loads, transforms and encodes the images of an episode, and runs the model on it."""
 
-    def __init__(self, model, source, size: int, device: torch.device, cache: FeatureCache | None):
+    def __init__(
+        self,
+        model,
+        source,
+        size: int,
+        device: torch.device,
+        cache: FeatureCache | None,
+        pad_fill: tuple[float, float, float] | None = None,
+    ):
         self.model = model
         self.source = source
-        self.transform = TestTransform(size)
+        self.transform = TestTransform(size) if pad_fill is None else TestTransform(size, pad_fill)
         self.size = size
         self.device = device
         self.encoder = ImageEncoder(model, device, cache)
@@ -61,6 +69,9 @@ class EpisodeRunner:
             self._labels.move_to_end(image_id)
             return self._labels[image_id]
         label = self.source.load_label(image_id)
+        # the prediction is made on the image and restored to the label's size: both must agree (an image
+        # encoded from the feature store is never decoded here, so its size comes from the file's header)
+        self.source.check_same_size(image_id, self.source.image_hw(image_id), label.shape)
         self._labels[image_id] = label
         if len(self._labels) > self._max_labels:
             self._labels.popitem(last=False)
@@ -125,14 +136,17 @@ def evaluate_episodes(
     desc: str = "eval",
     on_episode: Callable[[int, EpisodeResult], None] | None = None,
     expert_metrics: dict[str, FewShotIoU] | None = None,
+    pad_fill: tuple[float, float, float] | None = None,
 ) -> FewShotIoU:
     """Score ``episodes`` (this process's share of them) and return the metric, summed over processes.
 
     With ``expert_metrics`` (a dict), each expert of a fused model is also scored on its own, from the
     same forward pass: ``expert_metrics[name]`` is filled with its metric; so are the fusions that need
-    no extra pass (``fusion=mean``, and ``fusion=gate`` for a model with a fusion gate)."""
+    no extra pass (``fusion=mean``, and ``fusion=gate`` for a model with a fusion gate). ``pad_fill``:
+    the test images' padding colour (default: the ImageNet mean, as the feature store's; a different
+    fill needs ``cache`` to be an in-memory cache, not the store)."""
     dist_info = dist_info or DistInfo()
-    runner = EpisodeRunner(model, source, size, device, cache)
+    runner = EpisodeRunner(model, source, size, device, cache, pad_fill)
     metric = FewShotIoU(classes)
     model.eval()
     mine = range(dist_info.rank, len(episodes), dist_info.world_size)
@@ -156,7 +170,8 @@ def evaluate_episodes(
 
 def episode_file(cfg: Config, bench: Benchmark, seed: int, episodes: int, output_dir: Path) -> Path:
     folder = Path(cfg.eval.episode_dir) if cfg.eval.episode_dir else output_dir / "episodes"
-    name = f"{bench.name}-fold{bench.fold}-{cfg.data.shots}shot-seed{seed}-n{episodes}.json"
+    pairs = f"-pairs{bench.pair_list[:8]}" if bench.pair_list else ""
+    name = f"{bench.name}-fold{bench.fold}-{cfg.data.shots}shot-seed{seed}-n{episodes}{pairs}.json"
     return folder / name
 
 
@@ -223,10 +238,10 @@ def run_evaluation(
             on_episode=hook,
             expert_metrics=experts,
         )
-        result = metric.compute()
+        result = metric.compute(cfg.eval.missing_class)
         result["seed"] = seed
         if experts:
-            result["experts"] = {name: m.compute() for name, m in experts.items()}
+            result["experts"] = {name: m.compute(cfg.eval.missing_class) for name, m in experts.items()}
         result["episode_file"] = str(path)
         per_seed.append(result)
     elapsed = time.perf_counter() - start
@@ -249,6 +264,8 @@ def run_evaluation(
             "novel_classes": bench.split.novel,
             "class_names": {c: bench.test_source.class_names[c - 1] for c in bench.split.novel},
             "feature_cache": cfg.eval.feature_cache,
+            "missing_class": cfg.eval.missing_class,
+            "pair_list": cfg.data.pair_list,
             "world_size": dist_info.world_size,
             "machine": machine_info(device),
         },

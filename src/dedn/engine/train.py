@@ -40,7 +40,7 @@ from dedn.engine.features import FeatureCache, FeatureStore, open_feature_store
 from dedn.errors import ConfigError
 from dedn.losses import dedn_loss
 from dedn.models.network import FewShotSegmenter
-from dedn.utils.io import atomic_write_json, atomic_write_text
+from dedn.utils.io import atomic_write_json, atomic_write_text, make_dir
 from dedn.utils.machine import machine_info
 
 
@@ -98,7 +98,9 @@ class FeatureEpisodes:
         for image_id in tqdm(ids, desc=desc, disable=not progress, leave=False):
             if store is not None and image_id in store:
                 # features are read from the store when a batch needs them
-                _, lab, _ = transform(None, source.load_label(image_id))
+                label = source.load_label(image_id)
+                source.check_same_size(image_id, source.image_hw(image_id), label.shape)
+                _, lab, _ = transform(None, label)
             else:
                 image, label = source.load_pair(image_id)
                 img, lab, _ = transform(image, label)
@@ -354,7 +356,7 @@ class Trainer:
         cfg = self.cfg
         t = cfg.train
         if self.info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(self.output_dir)
             atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
             # the CPU's instruction set and thread count change a training's last bits (utils/machine.py)
             atomic_write_json(self.output_dir / "machine.json", machine_info(self.device))

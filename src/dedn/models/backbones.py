@@ -199,6 +199,9 @@ def load_strict(
         k for k in own if k not in state and not k.endswith("num_batches_tracked") and not allow_missing(k)
     ]
     unexpected = [k for k in state if k not in own and not ignore_unexpected(k)]
+    not_tensors = [k for k in state if not isinstance(state[k], Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: {len(not_tensors)} entries are not tensors (e.g. {not_tensors[:3]})")
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
@@ -216,6 +219,12 @@ def load_strict(
         if hint:
             message += f". {hint}"
         raise CheckpointError(message)
+    broken = [k for k in own if k in state and state[k].is_floating_point() and not state[k].isfinite().all()]
+    if broken:
+        raise CheckpointError(
+            f"{path}: {len(broken)} weight tensor(s) hold NaN or infinite values (e.g. {broken[:3]}); "
+            "the file comes from a training that diverged or is damaged"
+        )
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 

@@ -11,6 +11,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dedn.errors import OutputError
+
+
+def check_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Raise :class:`OutputError` if the folder ``path`` can never exist because a regular file is at the
+    path or above it. Creates nothing: called before long work whose results go there."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            where = "is" if part == path else f"lies under {part}, which is"
+            raise OutputError(f"{what} {path}: it {where} a file, not a folder")
+    return path
+
+
+def make_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (and its parents) or raise :class:`OutputError` saying why not: a regular
+    file at the path or above it, no permission, a read-only disk."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    check_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot be created ({e.strerror or e})") from None
+    return path
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` by calling ``write(fileobj)`` on a temporary file in the same folder, then rename.
@@ -18,7 +45,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     The rename is atomic on POSIX, so readers see either the old file or the complete new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "folder")
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
