@@ -204,24 +204,27 @@ def _file_path(value: Any) -> Any:
 
 
 def launch_app(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
     device: str | None = None,
     image_size: int | None = None,
     block: bool = True,
 ):
-    """Load the checkpoint and serve the page; returns the gradio app (already running if not ``block``)."""
+    """Load the checkpoint (default: the shipped model) and serve the page; returns the gradio app (already
+    running if not ``block``)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise DednError("the web page needs gradio: pip install 'dedn[app]'") from None
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, image_size=image_size)
+    if checkpoint is None:
+        predictor = Predictor.from_pretrained(device=device, image_size=image_size)
+        name = f"the shipped model {predictor.pretrained}"
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, image_size=image_size)
+        name = f"`{Path(checkpoint).name}`"
     cfg = predictor.config
-    about = (
-        f"Model: `{Path(checkpoint).name}` ({cfg.model.method}, {cfg.model.backbone}, "
-        f"input {predictor.image_size} px)."
-    )
+    about = f"Model: {name} ({cfg.model.method}, {cfg.model.backbone}, input {predictor.image_size} px)."
     demo = build_app(predictor, about)
     demo.launch(
         server_name=host,

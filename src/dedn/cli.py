@@ -118,7 +118,7 @@ _PREDICT_OUTPUTS = ("_mask.png", "_overlay.jpg")
 
 def cmd_predict(args) -> int:
     from dedn.errors import DataError
-    from dedn.predict import Predictor, find_images, predict_files
+    from dedn.predict import find_images, predict_files
     from dedn.utils.io import check_dir
 
     queries, ignored = find_images(args.query)
@@ -127,7 +127,7 @@ def cmd_predict(args) -> int:
     queries = [q for q in queries if not (q.resolve().parent == out and q.name.endswith(_PREDICT_OUTPUTS))]
     if not queries:
         raise DataError(f"no image files found in {', '.join(args.query)}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.size)
+    predictor = _predictor(args)
     support_set = predictor.encode_supports(
         [s[0] for s in args.support], [s[1] for s in args.support], mask_value=args.mask_value
     )
@@ -142,6 +142,19 @@ def cmd_predict(args) -> int:
     print(summary.format())
     print(f"masks and overlays in {args.out}")
     return 1 if summary.skipped else 0
+
+
+def _predictor(args):
+    """The model of ``--checkpoint``, or the shipped one (said on stderr) when none is given."""
+    from dedn.predict import Predictor
+
+    if args.checkpoint:
+        return Predictor.from_checkpoint(args.checkpoint, device=args.device, image_size=args.size)
+    predictor = Predictor.from_pretrained(device=args.device, image_size=args.size)
+    print(
+        f"dedn: using the shipped model {predictor.pretrained} (--checkpoint for your own)", file=sys.stderr
+    )
+    return predictor
 
 
 def cmd_assemble(args) -> int:
@@ -272,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "0 all queries done, 1 some query files could not be read (named on stderr and in the "
         "summary; the others are done), 2 bad input (checkpoint, supports, options).",
     )
-    p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
+    p.add_argument("--checkpoint", help="trained weights (.pt; default: the shipped model)")
     p.add_argument(
         "--support",
         nargs=2,
@@ -311,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("app", help="a local web page to try a trained model (needs dedn[app])")
-    p.add_argument("--checkpoint", required=True, help="trained weights (.pt)")
+    p.add_argument("--checkpoint", help="trained weights (.pt; default: the shipped model)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")

@@ -50,7 +50,8 @@ class DataConfig:
     #: "disjoint": train and test images come from one source, training images contain no novel pixel
     #: (the offline PASCAL protocol); "standard": separate train and test splits (train_split/test_split);
     #: "cross": every class of the set is novel and there are only test episodes (a cross-domain test of
-    #: a model trained on another benchmark, e.g. configs/camvid_cross.yaml)
+    #: a model trained on another benchmark, e.g. configs/camvid_cross.yaml); "all": every class is a
+    #: training class, there is no fold and no test pair (a model for other data: configs/release.yaml)
     protocol: str = "disjoint"
     train_split: str | None = None
     test_split: str | None = None
@@ -303,7 +304,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.benchmark": ("pascal", "coco", "fss1000", "folders", "labelmap", "synthetic"),
-    "data.protocol": ("disjoint", "standard", "cross"),
+    "data.protocol": ("disjoint", "standard", "cross", "all"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
     "model.method": ("dedn", "object", "scenario", "proto", "prior"),

@@ -6,7 +6,7 @@ grayscale / RGBA / 16-bit images, masks in the usual encodings, the evaluation r
 (:class:`~dedn.data.transforms.TestTransform`) and its inverse, so that a prediction comes back at the
 query's original size::
 
-    predictor = Predictor.from_checkpoint("runs/dedn/checkpoints/best.pt")
+    predictor = Predictor.from_pretrained()  # the shipped model; or .from_checkpoint("runs/.../best.pt")
     result = predictor.predict("query.jpg", "support.jpg", "support_mask.png")
     result.mask          # (H, W) uint8, 1 = the support's object
     result.probability   # (H, W) float32 foreground probability
@@ -445,6 +445,7 @@ class Predictor:
         self.expert_names: list[str] = list(getattr(model, "expert_names", []))
         self.fusion_members: list[str] = list(getattr(model, "fusion_members", self.expert_names))
         self.config = None  # the full run config when loaded from a checkpoint
+        self.pretrained: str | None = None  # the shipped model's name (from_pretrained)
 
     @classmethod
     def from_checkpoint(
@@ -471,6 +472,18 @@ class Predictor:
             raise ConfigError(f"image size must be an integer of at least 32, got {size!r}")
         predictor = cls(model, size, resolve_device(device))
         predictor.config = cfg
+        return predictor
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str | None = None, device: str | torch.device | None = None, image_size: int | None = None
+    ) -> Predictor:
+        """The model shipped inside the package (``dedn.pretrained``; default: the manifest's default),
+        its file checked against the manifest's sha256."""
+        from dedn.pretrained import pretrained_path
+
+        predictor = cls.from_checkpoint(pretrained_path(name), device=device, image_size=image_size)
+        predictor.pretrained = name or _default_pretrained_name()
         return predictor
 
     # -------------------------------------------------------------------------------------- internals
@@ -696,3 +709,9 @@ def predict_files(
         summary.outputs.append((mask_path, overlay_path))
     bar.close()
     return summary
+
+
+def _default_pretrained_name() -> str:
+    from dedn.pretrained import pretrained_models
+
+    return pretrained_models()["default"]

@@ -210,6 +210,35 @@ def disjoint_split(
     )
 
 
+def all_classes_split(
+    counts: Counts,
+    classes: Sequence[int],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    min_pixels: int = MIN_PIXELS,
+) -> FewShotSplit:
+    """Every class is a training class: no fold, no novel class, no test pair (``data.protocol: all``).
+
+    For a model meant for other data (a released model, scored on a cross-domain set or used on one's own
+    images), trained on everything a data set holds. A fixed hold-out of the images (``val_fraction``, as
+    in :func:`disjoint_split`) gives validation pairs on the same classes.
+    """
+    if not classes:
+        raise DataError("no classes to train on")
+    _check_fraction(val_fraction)
+    train_images, val_images = _split_holdout(list(counts), val_fraction, seed)
+    return FewShotSplit(
+        novel=[],
+        base=sorted(classes),
+        train_pairs=eligible_pairs({i: counts[i] for i in train_images}, classes, min_pixels),
+        val_pairs=eligible_pairs({i: counts[i] for i in val_images}, classes, min_pixels),
+        test_pairs=[],
+        protocol="all",
+        train_images=train_images,
+        val_images=val_images,
+    )
+
+
 def cross_domain_split(counts: Counts, classes: Sequence[int], min_pixels: int = MIN_PIXELS) -> FewShotSplit:
     """A cross-domain test set: every class of the set is novel, and there is nothing to train on.
 

@@ -14,6 +14,7 @@ from dedn.data.folds import base_classes, novel_classes
 from dedn.data.index import class_pixel_counts
 from dedn.data.protocol import (
     FewShotSplit,
+    all_classes_split,
     cross_domain_split,
     disjoint_split,
     hold_out_classes,
@@ -101,11 +102,21 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
         # small synthetic images cannot hold 2,048-pixel objects; the source states its own threshold
         min_pixels = min(min_pixels, test_source.min_pixels)
     convention = cfg.coco_convention if cfg.benchmark == "coco" else "consecutive"
-    if cfg.benchmark == "labelmap" and cfg.protocol != "cross":
+    if cfg.benchmark == "labelmap" and cfg.protocol not in ("cross", "all"):
         raise ConfigError(
-            "data.benchmark = labelmap has no fold table to train on; use data.protocol = cross (every "
-            f"class novel, test episodes only), not {cfg.protocol!r}"
+            "data.benchmark = labelmap has no fold table; use data.protocol = cross (every class novel, "
+            f"test episodes only) or all (every class trained on), not {cfg.protocol!r}"
         )
+    if cfg.protocol == "all":
+        if cfg.fold != 0 or cfg.val_classes is not None or cfg.pair_list is not None:
+            raise ConfigError(
+                "data.protocol = all has no fold (data.fold must be 0) and no test or held-out classes "
+                "(data.val_classes, data.pair_list)"
+            )
+        counts = class_pixel_counts(test_source, progress=progress)
+        classes = list(range(1, test_source.num_classes + 1))
+        split = all_classes_split(counts, classes, cfg.val_fraction, seed=0, min_pixels=min_pixels)
+        return Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
     if cfg.pair_list is not None and cfg.val_classes is not None:
         raise ConfigError("data.pair_list and data.val_classes cannot be combined")
     if cfg.protocol == "cross":

@@ -26,7 +26,7 @@ from dedn.data.transforms import TestTransform, restore_logits
 from dedn.engine.benchmark import Benchmark, build_benchmark
 from dedn.engine.distributed import DistInfo
 from dedn.engine.features import FeatureCache, ImageEncoder, open_feature_store
-from dedn.errors import DataError
+from dedn.errors import ConfigError, DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
 from dedn.utils.io import atomic_write_json, atomic_write_text
 from dedn.utils.machine import machine_info
@@ -212,6 +212,11 @@ def run_evaluation(
 ) -> dict:
     """Evaluate every seed of ``cfg.eval.seeds``; write results.json and results.md (main process)."""
     dist_info = dist_info or DistInfo()
+    if cfg.data.protocol == "all":
+        raise ConfigError(
+            "data.protocol = all trains on every class and has no test episodes: score the model on "
+            "another set, e.g. configs/camvid_cross.yaml (data.protocol = cross)"
+        )
     bench = bench or build_benchmark(cfg.data, progress=progress and dist_info.is_main)
     store = open_feature_store(
         cfg, model, bench.test_source, device, dist_info, progress and dist_info.is_main
