@@ -237,3 +237,35 @@ def test_store_key_follows_the_weight_file_content_not_its_path_or_time(tmp_path
     assert key(first) == key(copy)
     copy.write_bytes(bytes([*range(1, 256), 0]) * 3 + bytes(range(256)))  # same size, other bytes
     assert key(first) != key(copy)
+
+
+def test_a_store_keeps_high_as_normalised_mid_and_float16_halves_it(tmp_path, capsys):
+    """With the same levels read as mid and high (the offline defaults), the store keeps mid only and
+    derives high on reading, bit-identical in float32; float16 halves the bytes and stays within its
+    rounding; --dry-run prints the size without encoding."""
+    levels = ["model.mid_levels=[stage1, stage2]", "model.high_levels=[stage1, stage2]"]
+    cfg = tiny_config(tmp_path, *levels)
+    model, bench, store = _store(tmp_path, cfg)
+    assert sorted(store.arrays) == ["mid"] and store.derived["high"]["normalize"] == [32, 48]
+    encoder = ImageEncoder(model, CPU)
+    transform = TestTransform(cfg.data.image_size)
+    image_id = bench.test_source.ids[0]
+    fresh = encoder(image_id, lambda: transform(bench.test_source.load_image(image_id))[0])
+    stored = store.features(image_id)
+    assert stored.keys() == fresh.keys() == {"mid", "high"}
+    for key in fresh:
+        assert torch.equal(stored[key], fresh[key]), key
+    half = build_feature_store(
+        model, bench.test_source, cfg.data.image_size, CPU, tmp_path / "s", False, "float16"
+    )
+    assert half.folder != store.folder and half.dtype == "float16"
+    assert half.bytes_per_image * 2 == store.bytes_per_image
+    again = half.features(image_id)
+    assert again["mid"].dtype == torch.float32
+    for key in fresh:
+        torch.testing.assert_close(again[key], fresh[key], rtol=1e-3, atol=1e-3)
+        assert not torch.equal(again[key], fresh[key])
+    sets = [a for s in [*TINY, *levels, "feature_store_dtype=float16"] for a in ("--set", s)]
+    assert main(["features", "--dry-run", *sets]) == 0
+    out = capsys.readouterr().out
+    assert f"{half.bytes_per_image / 1e6:.2f} MB per image" in out and "COCO-20i" in out

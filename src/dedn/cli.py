@@ -247,10 +247,23 @@ def cmd_features(args) -> int:
     sources = [bench.train_source]
     if bench.test_source is not bench.train_source:  # the standard protocol: two splits
         sources.append(bench.test_source)
+    size, dtype = cfg.data.image_size, cfg.feature_store_dtype
+    if args.dry_run:
+        from dedn.engine.features import store_bytes_per_image
+
+        per_image = store_bytes_per_image(model, size, dtype)
+        print(f"{cfg.model.backbone} at {size} px, {dtype}: {per_image / 1e6:.2f} MB per image")
+        for source in sources:
+            print(f"{source.name}: {len(source)} images, {len(source) * per_image / 1e9:.2f} GB")
+        print(f"COCO-20i (COCO 2014 train + val, 123,287 images): {123_287 * per_image / 1e9:.1f} GB")
+        return 0
     for source in sources:
         start = time.perf_counter()
-        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress=not args.quiet)
-        print(f"{source.name}: {len(store)} images in {store.folder} ({time.perf_counter() - start:.1f} s)")
+        store = build_feature_store(model, source, size, device, root, progress=not args.quiet, dtype=dtype)
+        print(
+            f"{source.name}: {len(store)} images in {store.folder} ({time.perf_counter() - start:.1f} s, "
+            f"{store.bytes_per_image / 1e6:.2f} MB per image)"
+        )
     return 0
 
 
@@ -347,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode every image of the benchmark once into the on-disk feature store (feature_store)",
     )
     _config_args(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the store's size (per image, per set, COCO-20i); no encoding",
+    )
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded synthetic benchmark")

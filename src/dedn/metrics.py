@@ -136,15 +136,17 @@ class FewShotIoU:
         pred = pred.to(self.device)
         self._check_values(pred, target)
 
+        # four counts per mask give all of them: on the valid (not ignored) pixels prediction and target
+        # are 0 or 1, so background intersection = valid - foreground union and background union =
+        # valid - foreground intersection (exact integers, as counting each set would give)
         valid = target != self.ignore_index
         pred_fg = (pred == 1) & valid
-        pred_bg = (pred == 0) & valid
         true_fg = target == 1
-        true_bg = target == 0
         fg_inter = (pred_fg & true_fg).flatten(1).sum(1)  # (B,)
-        fg_union = (pred_fg | true_fg).flatten(1).sum(1)
-        bg_inter = (pred_bg & true_bg).flatten(1).sum(1)
-        bg_union = (pred_bg | true_bg).flatten(1).sum(1)
+        valid_n = valid.flatten(1).sum(1)
+        fg_union = pred_fg.flatten(1).sum(1) + true_fg.flatten(1).sum(1) - fg_inter
+        bg_inter = valid_n - fg_union
+        bg_union = valid_n - fg_inter
 
         index = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
         self.class_intersection.index_add_(0, index, fg_inter)
@@ -177,9 +179,17 @@ class FewShotIoU:
         return [self._index[c] for c in ids]
 
     def _check_values(self, pred: Tensor, target: Tensor) -> None:
-        if pred.dtype != torch.bool and bool(((pred != 0) & (pred != 1)).any()):
+        # one min/max pass each in the common case; the slower search only to name the bad values
+        if pred.dtype != torch.bool and pred.numel() and not (pred.min() >= 0 and pred.max() <= 1):
             bad = torch.unique(pred[(pred != 0) & (pred != 1)])[:5].tolist()
             raise ValueError(f"FewShotIoU.update: prediction values must be 0 or 1, found {bad}")
+        if not target.numel():
+            return
+        low, high = torch.aminmax(target)
+        if low >= 0 and (
+            high <= 1 or (high == self.ignore_index and not ((target > 1) & (target != high)).any())
+        ):
+            return
         bad_mask = (target != 0) & (target != 1) & (target != self.ignore_index)
         if bool(bad_mask.any()):
             bad = torch.unique(target[bad_mask])[:5].tolist()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -103,8 +104,18 @@ class FeatureStore:
         self.key = index["key"]
         self.rows = {image_id: i for i, image_id in enumerate(index["ids"])}
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in index["names"]}
+        #: features not stored but computed from a stored one on reading: {name: {"from": stored name,
+        #: "normalize": channels of each level}} (``high`` is ``mid`` with each level L2-normalised when
+        #: the model reads the same levels as both, as the offline defaults do: half the bytes)
+        self.derived: dict[str, dict] = index.get("derived", {})
+        self.dtype = index.get("dtype", "float32")
         self.hits = 0
         self.misses = 0
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Bytes on disk per image (all stored arrays)."""
+        return sum(a[0].nbytes for a in self.arrays.values()) if self.rows else 0
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.rows
@@ -114,7 +125,12 @@ class FeatureStore:
 
     def features(self, image_id: str) -> Features:
         row = self.rows[image_id]
-        return {name: torch.from_numpy(np.array(a[row])) for name, a in self.arrays.items()}
+        feats = {
+            name: torch.from_numpy(np.array(a[row], dtype=np.float32)) for name, a in self.arrays.items()
+        }
+        for name, rule in self.derived.items():
+            feats[name] = normalize_levels(feats[rule["from"]].unsqueeze(0), rule["normalize"])[0]
+        return dict(sorted(feats.items()))
 
     def get(self, key: str, compute: Callable[[], Features]) -> Features:
         """The :class:`FeatureCache` interface: stored features, or ``compute()`` for an unknown id."""
@@ -125,8 +141,31 @@ class FeatureStore:
         return compute()
 
 
-def feature_store_key(source, model_cfg, image_size: int, mid_levels, high_levels) -> str:
-    """What the stored features depend on: the images, the backbone and its weights, the input size."""
+def normalize_levels(x: Tensor, channels: list[int]) -> Tensor:
+    """(N, sum(channels), h, w) -> the same with each level's channels L2-normalised, exactly as
+    ``FewShotSegmenter.encode`` makes ``high`` (bit-identical: the same operation on the same numbers)."""
+    return torch.cat([F.normalize(part, dim=1) for part in x.split(list(channels), dim=1)], dim=1)
+
+
+#: how a store keeps its numbers: float32 (exact) or float16 (half the bytes; mIoU within 0.1 on the
+#: offline PASCAL-5i table, docs/results.md)
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def derived_features(model) -> dict[str, dict]:
+    """The features a store need not keep for ``model``: ``high`` when it reads the same levels as
+    ``mid`` (``high`` is then ``mid`` with each level normalised)."""
+    if list(model.high_levels) != list(model.mid_levels):
+        return {}
+    info = model.backbone.feature_info
+    return {"high": {"from": "mid", "normalize": [info[n].channels for n in model.mid_levels]}}
+
+
+def feature_store_key(
+    source, model_cfg, image_size: int, mid_levels, high_levels, dtype: str = "float32"
+) -> str:
+    """What the stored features depend on: the images, the backbone and its weights, the input size, and
+    how they are kept (number type, features derived on reading)."""
     weights = model_cfg.weights
     if weights not in (None, "imagenet") and Path(weights).is_file():
         # by content, like the data's fingerprint: a moved or re-copied weight file keeps its store
@@ -142,6 +181,9 @@ def feature_store_key(source, model_cfg, image_size: int, mid_levels, high_level
         "image_size": image_size,
         "torch": torch.__version__,
     }
+    if dtype != "float32":
+        # float32 stores keep their key whatever their layout (a derived feature reads back bit-identical)
+        described.update(format=2, dtype=dtype)
     blob = json.dumps(described, sort_keys=True).encode()
     return f"{source.name}-{model_cfg.backbone}-{image_size}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
@@ -153,14 +195,21 @@ def build_feature_store(
     device: torch.device,
     root: str | Path | None = None,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> FeatureStore:
     """Open the store of ``source`` under ``root`` (default ``cache_dir()/features``), encoding every
     image first if it does not exist yet. Written to a temporary folder and renamed into place, so an
-    interrupted build leaves nothing half-written behind, and two processes building at once cannot mix."""
+    interrupted build leaves nothing half-written behind, and two processes building at once cannot mix.
+
+    ``dtype``: float32 (reading gives exactly the features encoded on the fly) or float16 (half the bytes).
+    A feature that can be computed from another on reading (:func:`derived_features`) is not stored."""
     from dedn.data.transforms import TestTransform
 
+    if dtype not in STORE_DTYPES:
+        raise DataError(f"feature store dtype {dtype!r}; expected one of: {', '.join(STORE_DTYPES)}")
     root = Path(root) if root else cache_dir() / "features"
-    key = feature_store_key(source, model.cfg, image_size, model.mid_levels, model.high_levels)
+    derived = derived_features(model)
+    key = feature_store_key(source, model.cfg, image_size, model.mid_levels, model.high_levels, dtype)
     folder = root / key
     if (folder / "index.json").is_file():
         return FeatureStore(folder)
@@ -175,10 +224,11 @@ def build_feature_store(
         arrays: dict[str, np.ndarray] = {}
         for i, image_id in enumerate(tqdm(ids, desc="encoding images", disable=not progress, leave=False)):
             feats = encoder(image_id, lambda image_id=image_id: transform(source.load_image(image_id))[0])
+            feats = {name: t for name, t in feats.items() if name not in derived}
             if not arrays:
                 for name, t in feats.items():
                     arrays[name] = np.lib.format.open_memmap(
-                        tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(ids), *t.shape)
+                        tmp / f"{name}.npy", mode="w+", dtype=STORE_DTYPES[dtype], shape=(len(ids), *t.shape)
                     )
             for name, t in feats.items():
                 arrays[name][i] = t.cpu().numpy()
@@ -193,6 +243,8 @@ def build_feature_store(
             "key": key,
             "ids": ids,
             "names": sorted(feats),
+            "derived": derived,
+            "dtype": dtype,
             "image_size": image_size,
             "threads": threads,
             "machine": machine_info(device),
@@ -218,9 +270,19 @@ def open_feature_store(cfg, model, source, device: torch.device, dist_info=None,
         return None
     info = dist_info or DistInfo()
     root = None if cfg.feature_store == "auto" else cfg.feature_store
+    size, dtype = cfg.data.image_size, cfg.feature_store_dtype
     if info.is_main:
-        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress)
+        store = build_feature_store(model, source, size, device, root, progress, dtype)
     barrier(info)
     if not info.is_main:
-        store = build_feature_store(model, source, cfg.data.image_size, device, root, progress=False)
+        store = build_feature_store(model, source, size, device, root, progress=False, dtype=dtype)
     return store
+
+
+def store_bytes_per_image(model, image_size: int, dtype: str = "float32") -> int:
+    """Bytes one image takes in a store of ``model``'s features (from one encoding of a blank image)."""
+    with torch.no_grad():
+        feats = model.encode(torch.zeros(1, 3, image_size, image_size, device=next(model.buffers()).device))
+    derived = derived_features(model)
+    itemsize = np.dtype(STORE_DTYPES[dtype]).itemsize
+    return sum(t[0].numel() * itemsize for name, t in feats.items() if name not in derived)
