@@ -123,3 +123,58 @@ def test_the_package_ships_a_default_model_that_loads():
     entry = manifest["models"][manifest["default"]]
     assert pretrained_path().stat().st_size == entry["bytes"] < 10_000_000
     assert Predictor.from_pretrained(device="cpu").config.model.method == entry["method"]
+
+
+#: (support, query) pairs of VOC 2012 val images held out of the release model's training (its validation
+#: images), each pair sharing a large object: cat, dog, horse
+REAL_PAIRS = [
+    ("2007_002445", "2007_004856", 8),
+    ("2010_000159", "2007_009562", 12),
+    ("2007_007109", "2010_005174", 13),
+]
+#: the shipped model's mean IoU on REAL_PAIRS must reach this (measured: see docs/results.md, "Shipped model")
+REAL_PAIRS_MIN_IOU = 0.5
+
+
+@pytest.mark.realdata
+def test_a_clean_install_ships_the_model_and_segments_real_photos(pascal_root, tmp_path):
+    """Build the wheel, install it into an empty folder, and segment real photos there with the shipped
+    model (no --checkpoint): the weights and manifest travel inside the package."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    if not (MODELS_DIR / "manifest.json").is_file():
+        pytest.skip("no shipped model in this checkout yet")
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True
+    )
+    wheel = next(wheels.glob("dedn-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    script = f"""
+import json, numpy as np, dedn
+from PIL import Image
+from dedn.predict import Predictor
+assert dedn.__file__.startswith({str(target)!r}), dedn.__file__
+p = Predictor.from_pretrained(device="cpu")
+root = {str(pascal_root)!r}
+ious = []
+for s, q, c in {REAL_PAIRS!r}:
+    label = lambda i: np.asarray(Image.open(f"{{root}}/SegmentationClassAug/{{i}}.png"))
+    support = (label(s) == c).astype(np.uint8)
+    truth = label(q) == c
+    valid = label(q) != 255
+    mask = p.predict(f"{{root}}/JPEGImages/{{q}}.jpg", f"{{root}}/JPEGImages/{{s}}.jpg", support).mask > 0
+    ious.append(float(((mask & truth) & valid).sum() / ((mask | truth) & valid).sum()))
+print(json.dumps({{"name": p.pretrained, "ious": ious}}))
+"""
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert np.mean(result["ious"]) >= REAL_PAIRS_MIN_IOU, result
