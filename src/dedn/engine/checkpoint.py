@@ -20,13 +20,14 @@ from dedn.utils.io import atomic_write, hash_file
 
 #: model settings a checkpoint must agree on: all of them except these, which change neither the
 #: parameters nor what they mean (the backbone's weight file, and the test-time fusion and baselines,
-#: so that e.g. plain averaging can be scored with a model trained with AWF)
+#: so that e.g. plain averaging can be scored with a model trained with AWF, and HSNet's K-shot mode)
 _MODEL_KEYS_IGNORED = (
     "model.weights",
     "model.fusion.mode",
     "model.fusion.temperature",
     "model.fusion.confidence",
     "model.fusion.matcher",
+    "model.hsnet.shot_mode",
 )
 _MODEL_PREFIXES_IGNORED = ("model.baseline.",)
 

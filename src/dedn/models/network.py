@@ -2,7 +2,9 @@
 
 - ``dedn``: object expert + scenario expert, fused by Adaptive Weighted Fusion (or plain averaging);
 - ``object`` / ``scenario``: one expert alone;
-- ``proto`` / ``prior``: training-free baselines on the frozen high-level features.
+- ``proto`` / ``prior``: training-free baselines on the frozen high-level features;
+- ``hsnet``: the peer method HSNet (Min et al., ICCV 2021) on the same frozen features
+  (:mod:`dedn.models.hsnet`).
 
 The frozen backbone is separated from the rest (:meth:`FewShotSegmenter.encode`), so an image's
 backbone features can be computed once and reused in every episode where it appears.
@@ -58,6 +60,12 @@ class FewShotSegmenter(nn.Module):
         self.gate: FusionGate | None = None
         if self.method in TRAINING_FREE:
             return
+        if self.method == "hsnet":
+            from dedn.models.hsnet import HSNetHead
+
+            self.hsnet_pyramid = self._hsnet_pyramid()
+            self.hsnet = HSNetHead([len(level) for level in self.hsnet_pyramid], cfg.hsnet)
+            return
         mid_channels = sum(info[n].channels for n in self.mid_levels)
         c = cfg.channels
 
@@ -83,6 +91,57 @@ class FewShotSegmenter(nn.Module):
         self.expert_names = list(self.experts)
         if self.method == "dedn" and cfg.fusion.gate:
             self.gate = FusionGate()
+
+    def _hsnet_pyramid(self) -> list[list[str]]:
+        """The backbone levels of each hypercorrelation pyramid level, shallowest first (``model.hsnet``)."""
+        available = list(dict.fromkeys(self.mid_levels + self.high_levels))
+        pyramid = self.cfg.hsnet.pyramid
+        if pyramid is None:
+            order = list(getattr(self.backbone, "_stage_names", ()))
+            depth = {name: order.index(name) if name in order else len(order) for name in available}
+            return [[name] for name in sorted(available, key=lambda name: depth[name])]
+        for level in pyramid:
+            for name in level:
+                if name not in available:
+                    raise ValueError(
+                        f"model.hsnet.pyramid names '{name}', which the encoder does not give; it gives "
+                        f"{', '.join(available)} (model.mid_levels and model.high_levels)"
+                    )
+        return [list(level) for level in pyramid]
+
+    def _layer_features(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The encoder's concatenated ``mid`` and ``high`` maps split back into their backbone levels
+        (channels along dim -3, in the order of mid_levels / high_levels). A level in both comes from
+        ``mid`` (raw; ``high`` holds the same map L2-normalised per cell, which gives the same cosines)."""
+        info = self.backbone.feature_info
+        layers: dict[str, Tensor] = {}
+        for key, names in (("high", self.high_levels), ("mid", self.mid_levels)):
+            parts = torch.split(feats[key], [info[n].channels for n in names], dim=-3)
+            layers.update(zip(names, parts, strict=True))
+        return layers
+
+    def _hsnet_outputs(self, query: dict, supports: dict, fg: Tensor, out_size) -> dict:
+        """HSNet's logits at ``out_size`` and, under ``shot_logits``, each pass's (B, K or 1, 2, H, W)."""
+        from dedn.models.hsnet import vote_logits
+
+        q, s = self._layer_features(query), self._layer_features(supports)
+        joint = self.cfg.hsnet.shot_mode == "joint"
+        logits = self.hsnet(
+            [[q[n] for n in level] for level in self.hsnet_pyramid],
+            [[s[n] for n in level] for level in self.hsnet_pyramid],
+            fg,
+            joint,
+        )
+        b, passes = logits.shape[:2]
+        up = F.interpolate(logits.flatten(0, 1), out_size, mode="bilinear", align_corners=False)
+        up = up.view(b, passes, *up.shape[1:])
+        if passes == 1:
+            fused = up[:, 0]
+        elif self.training:
+            fused = up.mean(dim=1)  # the vote is not differentiable: train on the passes' mean logits
+        else:
+            fused = vote_logits(up)
+        return {"logits": fused, "shot_logits": up}
 
     @property
     def fusion_members(self) -> list[str]:
@@ -144,6 +203,8 @@ class FewShotSegmenter(nn.Module):
             prior = cosine_prior(query["high"], supports["high"], fg)
             thr = self.cfg.baseline.prior_threshold
             out = {"logits": torch.cat([torch.full_like(prior, thr), prior], dim=1) * 10.0, "prior": prior}
+        elif self.method == "hsnet":
+            out = self._hsnet_outputs(query, supports, fg, out_size)  # at out_size: _upsample keeps it
         else:
             out = self._expert_outputs(query, supports, fg, bg)
         grid_logits = dict(out.get("experts", {}))
