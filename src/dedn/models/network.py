@@ -5,6 +5,8 @@
 - ``proto`` / ``prior``: training-free baselines on the frozen high-level features;
 - ``hsnet``: the peer method HSNet (Min et al., ICCV 2021) on the same frozen features
   (:mod:`dedn.models.hsnet`).
+- ``pfenet``: a peer method, PFENet's head (prior mask + Feature Enrichment Module) on the same frozen
+  features and reduction layer (dedn.models.pfenet).
 
 The frozen backbone is separated from the rest (:meth:`FewShotSegmenter.encode`), so an image's
 backbone features can be computed once and reused in every episode where it appears.
@@ -20,6 +22,7 @@ from dedn.config import ModelConfig
 from dedn.models.experts import ObjectExpert, ScenarioExpert
 from dedn.models.fusion import FusionGate, fuse_probabilities, fusion_weights
 from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou
+from dedn.models.pfenet import PFENetHead
 
 TRAINING_FREE = ("proto", "prior")
 #: logit margin used where the answer is fixed (an empty support: everything is background)
@@ -75,6 +78,8 @@ class FewShotSegmenter(nn.Module):
             )
 
         names = [e for e in ("object", "scenario") if self.method in ("dedn", e)]
+        if self.method == "pfenet":
+            names = ["pfenet"]
         # shared: one module; per_expert: one per expert, keyed by its name (created before the experts,
         # so that a seed initialises the shared layout as it always did)
         self.reduce: nn.Module = (
@@ -88,6 +93,8 @@ class FewShotSegmenter(nn.Module):
             self.experts["scenario"] = ScenarioExpert(
                 c, cfg.scenario, cfg.dropout, cfg.head_inputs, high_channels
             )
+        if self.method == "pfenet":
+            self.experts["pfenet"] = PFENetHead(c, cfg.pfenet, cfg.dropout)
         self.expert_names = list(self.experts)
         if self.method == "dedn" and cfg.fusion.gate:
             self.gate = FusionGate()
@@ -240,7 +247,7 @@ class FewShotSegmenter(nn.Module):
             out["fusion_weights"] = weights
             out["probability"] = fused
             out["logits"] = fused.clamp_min(1e-6).log()
-        elif self.method in ("object", "scenario"):
+        elif self.method in ("object", "scenario", "pfenet"):
             out["logits"] = out["experts"][self.method]
         # An episode whose supports have no foreground pixel has nothing to find: predict background.
         empty = (support_masks == 1).flatten(1).sum(dim=1) == 0
@@ -284,6 +291,13 @@ class FewShotSegmenter(nn.Module):
             s = self.experts["scenario"](fq, fs, fg, bg, query["high"], supports["high"])
             out["experts"]["scenario"] = s["logits"]
             out["aux"]["evidence"] = s["evidence"]
+        if "pfenet" in self.experts and only in (None, "pfenet"):
+            fq, fs = features("pfenet")
+            p = self.experts["pfenet"](fq, fs, fg, query["high"], supports["high"])
+            out["experts"]["pfenet"] = p["logits"]
+            # the per-scale logits of the FEM at their own sizes (the loss upsamples them)
+            out["intermediate"] = p["intermediate"]
+            out["aux"].update(prior=p["prior"], prototype=p["prototype"])
         return out
 
     @staticmethod

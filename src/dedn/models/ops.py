@@ -74,6 +74,57 @@ def cosine_prior(query_high: Tensor, support_high: Tensor, support_fg: Tensor) -
     return torch.stack(priors, dim=0).mean(dim=0)
 
 
+def masked_cosine_prior(query_high: Tensor, support_high: Tensor, support_fg: Tensor) -> Tensor:
+    """PFENet's prior mask as its paper writes it (Tian et al., TPAMI 2020, section 3.2).
+
+    The support features are multiplied by the support mask, ``X_s = H_s * M_s``; each query cell takes
+    its largest cosine similarity to any cell of ``X_s``, ``c_q = max_s cos(x_q, x_s)``, where a cell the
+    mask zeroes counts as similarity 0; ``Y = (c - min c) / (max c - min c + eps)`` per query, then the
+    mean over shots. The mask here is the area fraction of each cell (the grid's ``support_fg``): cosine
+    similarity ignores the scale, so every cell the mask touches counts with its whole feature.
+
+    It differs from :func:`cosine_prior` (DEDN's object expert) in two ways: that one keeps only cells whose
+    foreground fraction is above 0.5, and has no similarity-0 floor from the masked-out cells.
+
+    query_high: (B, C, h, w); support_high: (B, K, C, h, w); support_fg: (B, K, 1, h, w) in [0, 1].
+    Returns (B, 1, h, w) in [0, 1]. A shot whose mask is empty gives a constant map, hence 0.
+    """
+    b, k, c, h, w = support_high.shape
+    q = F.normalize(query_high.flatten(2), dim=1)  # (B, C, hw); a zero vector stays zero
+    priors = []
+    for shot in range(k):  # one (hw x hw) similarity block at a time
+        s = F.normalize((support_high[:, shot] * support_fg[:, shot]).flatten(2), dim=1)  # (B, C, hw)
+        best = torch.einsum("bcq,bcs->bqs", q, s).max(dim=2).values.view(b, 1, h, w)
+        priors.append(min_max_normalize(best))
+    return torch.stack(priors, dim=0).mean(dim=0)
+
+
+def pooling_matrix(n_in: int, n_out: int, device=None, dtype=None) -> Tensor:
+    """(n_out, n_in) matrix whose rows average the input bins of ``adaptive_avg_pool1d``.
+
+    Bin ``i`` covers ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))``, as in PyTorch, so
+    ``P_h @ x @ P_w.T`` equals ``adaptive_avg_pool2d(x, (h, w))``.
+    """
+    rows = []
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(n_in)])
+    # from Python numbers, so that a traced graph (ONNX export) records it as a constant
+    return torch.tensor(rows, device=device, dtype=dtype if dtype is not None else torch.float32)
+
+
+def area_pool(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """``adaptive_avg_pool2d(x, size)`` of (N, C, h, w) written as two matrix products, which an ONNX
+    export traces for any sizes (the exporter takes adaptive pooling only when ``size`` divides ``h, w``)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    rows = pooling_matrix(h, size[0], x.device, x.dtype)
+    cols = pooling_matrix(w, size[1], x.device, x.dtype)
+    return torch.einsum("nchw,ih,jw->ncij", x, rows, cols)
+
+
 def self_affinity(features: Tensor, temperature: float, window: int = 0) -> Tensor:
     """Row-softmax of the cosine self-affinity of (B, C, h, w) features -> (B, hw, hw).
 
