@@ -262,3 +262,15 @@ def test_test_transform_pads_with_its_fill():
     assert TestTransform(64).fill == tuple(PAD_RGB)
     with pytest.raises(ConfigError, match="fill"):
         TestTransform(64, (0.0, 2.0, 0.0))
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Results, checkpoints and shipped weights are readable like any file written with open()."""
+    import os
+
+    from dedn.utils.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "r.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

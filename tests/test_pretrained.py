@@ -132,8 +132,9 @@ REAL_PAIRS = [
     ("2010_000159", "2007_009562", 12),
     ("2007_007109", "2010_005174", 13),
 ]
-#: the shipped model's mean IoU on REAL_PAIRS must reach this (measured: see docs/results.md, "Shipped model")
-REAL_PAIRS_MIN_IOU = 0.5
+#: the shipped model's mean IoU on REAL_PAIRS must reach this; dedn-lite2-voc20 gives 0.866, 0.887 and
+#: 0.759 (mean 0.837) on this machine, so the bound leaves room for other CPUs' last bits only
+REAL_PAIRS_MIN_IOU = 0.7
 
 
 @pytest.mark.realdata

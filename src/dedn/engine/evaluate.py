@@ -269,6 +269,8 @@ def run_evaluation(
             "novel_classes": bench.split.novel,
             "class_names": {c: bench.test_source.class_names[c - 1] for c in bench.split.novel},
             "feature_cache": cfg.eval.feature_cache,
+            # the store the features came from (its key names the number type: float16 stores differ)
+            "feature_store": store.key if store is not None else None,
             "missing_class": cfg.eval.missing_class,
             "pair_list": cfg.data.pair_list,
             "world_size": dist_info.world_size,
