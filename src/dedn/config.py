@@ -106,7 +106,7 @@ class ObjectExpertConfig:
     #: correlations do)
     frozen_relations: bool = False
     #: head_inputs=relations: batch norm over the head's input maps (without it, training sits on a
-    #: background-everywhere plateau for its first few hundred steps; docs/results.md)
+    #: background-everywhere plateau for its first few hundred steps; docs/history.md)
     input_norm: bool = True
 
 
@@ -130,7 +130,7 @@ class ScenarioExpertConfig:
     #: the head its foreground/background evidence (2 maps per level)
     frozen_relations: bool = False
     #: head_inputs=relations: batch norm over the head's input maps (without it, training sits on a
-    #: background-everywhere plateau for its first few hundred steps; docs/results.md)
+    #: background-everywhere plateau for its first few hundred steps; docs/history.md)
     input_norm: bool = True
 
 
@@ -231,7 +231,7 @@ class ModelConfig:
     #: what each expert's head sees of the query: relations (only maps that compare the query with the
     #: support: group-wise prototype similarities, prior, guidance, attention evidence) | features (also
     #: the query's own features, as PFENet does; on small training sets the head then learns to segment
-    #: the base classes' salient objects and ignores the support, see docs/results.md)
+    #: the base classes' salient objects and ignores the support, see docs/history.md)
     head_inputs: str = "relations"
     #: the 1x1 layer that reduces the frozen mid-level features: shared (one layer, trained by both
     #: experts) | per_expert (each expert its own; a DEDN made of two separately trained experts, see
@@ -253,7 +253,7 @@ class DistillConfig:
     temperature: float = 1.0
     #: foreground (teacher = the expert more confident in the label, counted where it is right, on
     #: ground-truth foreground pixels only) | correct (the same on every labelled pixel) | off (independent
-    #: experts). Foreground was chosen on base-class validation (docs/results.md, round 4).
+    #: experts). Foreground was chosen on base-class validation (docs/history.md).
     mode: str = "foreground"
 
 

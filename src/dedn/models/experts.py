@@ -64,7 +64,7 @@ def input_norm(width: int, enabled: bool) -> nn.Module:
     """Batch norm over the head's relation maps (``enabled``), else identity. Cosine similarities,
     attention shares and priors live in narrow, input-specific ranges: unnormalised, the first 1x1
     convolution sees nearly constant inputs and training sits on a plateau that predicts background
-    everywhere for its first few hundred steps (docs/results.md)."""
+    everywhere for its first few hundred steps (docs/history.md)."""
     return nn.BatchNorm2d(width) if enabled else nn.Identity()
 
 
