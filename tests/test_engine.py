@@ -1,5 +1,6 @@
 """Training and evaluation engine: resume, cache equivalence, multi-process, CLI, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -386,3 +387,47 @@ def test_demo_and_app_do_not_import_the_command_line():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert "dedn.cli" not in imported, module
         assert module != "demo" or "dedn.engine.checkpoint" in imported
+
+
+def test_awf_support_scores_are_computed_once_per_support_set(tmp_path, monkeypatch):
+    """A support set that recurs across episodes is scored once; the metric is bit-identical to scoring
+    it every time."""
+    from dedn.engine import evaluate as evaluate_module
+
+    cfg, model = _trained_model(tmp_path)
+    bench = build_benchmark(cfg.data)
+    base = sample_test_episodes(bench.split.test_pairs, 6, 1, seed=3)
+    # each support set twice, with another query the second time
+    episodes = base + [
+        dataclasses.replace(e, query=base[(i + 1) % len(base)].query) for i, e in enumerate(base)
+    ]
+    episodes = [e for e in episodes if e.query not in e.supports]
+    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, torch.device("cpu"))
+    calls = []
+    original = model.support_scores
+    monkeypatch.setattr(model, "support_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    reused = evaluate_episodes(*args, progress=False)
+    distinct = len({(tuple(e.supports), e.class_id) for e in episodes})
+    assert len(calls) == distinct < len(episodes)
+    calls.clear()
+    fresh_runner = evaluate_module.EpisodeRunner(
+        model, bench.test_source, cfg.data.image_size, torch.device("cpu"), None
+    )
+    fresh_runner._scores = _NeverStores()
+    fresh = evaluate_module.FewShotIoU(bench.split.novel)
+    for e in episodes:
+        prediction, target, _ = fresh_runner.run(e)
+        fresh.update(prediction, target, e.class_id)
+    assert len(calls) == len(episodes)
+    for key in ("class_intersection", "class_union", "totals"):
+        assert torch.equal(reused.state_dict()[key], fresh.state_dict()[key])
+
+
+class _NeverStores(dict):
+    """A score cache that keeps nothing: every episode scores its supports again."""
+
+    def __setitem__(self, key, value):
+        pass
+
+    def popitem(self, last=True):
+        return None

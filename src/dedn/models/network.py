@@ -200,8 +200,13 @@ class FewShotSegmenter(nn.Module):
         supports: dict[str, Tensor],
         support_masks: Tensor,
         out_size: tuple[int, int],
+        support_scores: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w)."""
+        """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w).
+
+        ``support_scores``: AWF's (B, E) scores of these very supports from an earlier call
+        (``out["support_scores"]``), to skip their pass: they do not depend on the query, and an episode's
+        support set recurs across the episodes of an evaluation."""
         b = support_masks.shape[0]
         fg, bg = self._support_fractions(support_masks, query["mid"].shape[-2:])
         if self.method == "proto":
@@ -234,7 +239,11 @@ class FewShotSegmenter(nn.Module):
                 fused = gated
             elif mode in ("awf", "cycle"):
                 if mode == "awf":
-                    scores = self.support_scores(supports, support_masks, out_size)  # (B, E)
+                    scores = (
+                        support_scores
+                        if support_scores is not None
+                        else self.support_scores(supports, support_masks, out_size)  # (B, E)
+                    )
                 else:
                     scores = self.cycle_scores(query, supports, support_masks, grid_logits, out_size)
                 weights = fusion_weights(scores, self.cfg.fusion.temperature)
