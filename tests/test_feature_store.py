@@ -161,8 +161,8 @@ def test_each_expert_of_a_fused_model_is_scored_too(tmp_path):
     model, _ = load_trained_model(cfg, str(tmp_path / "checkpoints" / "last.pt"), CPU)
     forward = model.forward_features
 
-    def scenario_is_the_fused_output(*args):
-        out = forward(*args)
+    def scenario_is_the_fused_output(*args, **kwargs):
+        out = forward(*args, **kwargs)
         out["experts"]["scenario"] = out["logits"].clone()
         return out
 
