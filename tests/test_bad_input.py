@@ -25,7 +25,7 @@ from dedn.metrics import FewShotIoU
 from dedn.predict import Predictor
 from dedn.utils.io import check_dir, make_dir
 from test_engine import TINY as ENGINE_TINY
-from usage_helpers import make_checkpoint, save_rgb, scene
+from usage_helpers import episode_files, make_checkpoint, save_rgb, scene
 
 #: the engine tests' tiny run, shortened
 TINY = [*ENGINE_TINY, "train.steps=4", "train.val_every=4", "eval.episodes=8", "eval.seeds=[0]"]
@@ -87,11 +87,7 @@ def test_a_nan_anywhere_in_the_config_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------------------------- outputs
 def test_predict_out_on_or_under_a_file_is_refused(toy_ckpt, tmp_path, capsys):
-    support, mask = scene(seed=0)
-    query, _ = scene(seed=1)
-    save_rgb(tmp_path / "s.png", support)
-    save_rgb(tmp_path / "m.png", mask * 255)
-    save_rgb(tmp_path / "q.png", query)
+    episode_files(tmp_path)
     blocker = tmp_path / "results.txt"
     blocker.write_text("keep me")
     for out, says in ((blocker, "is a file"), (blocker / "sub" / "dir", f"lies under {blocker}")):

@@ -16,7 +16,7 @@ from dedn.errors import CheckpointError, ConfigError
 from dedn.predict import Predictor
 from dedn.pretrained import MODELS_DIR, pretrained_models, pretrained_path
 from test_engine import TINY
-from usage_helpers import make_checkpoint, save_rgb, scene
+from usage_helpers import episode_files, make_checkpoint, scene
 
 
 @pytest.fixture
@@ -53,11 +53,7 @@ def test_predict_without_checkpoint_uses_the_shipped_model(shipped, tmp_path, mo
     monkeypatch.setattr("dedn.pretrained.MODELS_DIR", shipped)
     predictor = Predictor.from_pretrained(device="cpu")
     assert predictor.pretrained == "toy"
-    support, mask = scene(seed=0)
-    query, _ = scene(seed=1)
-    save_rgb(tmp_path / "s.png", support)
-    save_rgb(tmp_path / "m.png", mask * 255)
-    save_rgb(tmp_path / "q.png", query)
+    _, (support, mask, query) = episode_files(tmp_path)
     out = tmp_path / "out"
     args = ["predict", "--support", str(tmp_path / "s.png"), str(tmp_path / "m.png")]
     assert main([*args, "--query", str(tmp_path / "q.png"), "--out", str(out), "--quiet"]) == 0

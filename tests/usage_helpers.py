@@ -68,3 +68,13 @@ def scene(h: int = 48, w: int = 64, box: tuple[int, int, int, int] = (10, 12, 30
 def save_rgb(path: Path, array: np.ndarray, **kwargs) -> Path:
     Image.fromarray(array).save(path, **kwargs)
     return path
+
+
+def episode_files(folder: Path):
+    """A support picture, its 0/255 mask and a query written as s.png, m.png, q.png in ``folder``;
+    returns the three paths and the arrays (support, 0/1 mask, query)."""
+    support, mask = scene(seed=0)
+    query, _ = scene(seed=1)
+    paths = (save_rgb(folder / "s.png", support), save_rgb(folder / "m.png", mask * 255),
+             save_rgb(folder / "q.png", query))  # fmt: skip
+    return paths, (support, mask, query)
