@@ -35,17 +35,37 @@ def predictor(balanced_ckpt):
 
 @pytest.fixture
 def pictures(tmp_path):
-    """Support + mask + two queries + one corrupt query, as files."""
+    """Two supports + masks, two queries and one corrupt query, as files."""
     support, mask = scene(96, 128, (20, 30, 70, 90))
+    support2, mask2 = scene(90, 90, (40, 10, 80, 50), seed=3)
     files = {
         "support": save_rgb(tmp_path / "support.png", support),
         "mask": save_rgb(tmp_path / "support_mask.png", mask * 255),
+        "support2": save_rgb(tmp_path / "support2.png", support2),
+        "mask2": save_rgb(tmp_path / "support2_mask.png", mask2 * 255),
         "query1": save_rgb(tmp_path / "query1.png", scene(80, 100, (10, 10, 50, 60), seed=1)[0]),
         "query2": save_rgb(tmp_path / "query2.jpg", scene(70, 70, (10, 10, 50, 60), seed=2)[0], quality=95),
         "broken": tmp_path / "broken.jpg",
     }
     files["broken"].write_bytes(b"\xff\xd8\xff not really a jpeg")
     return files
+
+
+def _painted(image_file: Path, mask_file: Path) -> dict:
+    """The image editor's value after painting exactly the mask's object over the uploaded picture."""
+    support = np.asarray(Image.open(image_file))
+    mask = np.asarray(Image.open(mask_file)) > 0
+    layer = np.zeros(support.shape[:2] + (4,), np.uint8)
+    layer[mask] = (255, 0, 0, 255)
+    return {
+        "background": np.dstack([support, np.full(support.shape[:2], 255, np.uint8)]),
+        "layers": [layer],
+        "composite": support,
+    }
+
+
+def _written(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
 
 
 def test_editor_value_gives_image_and_painted_mask():
@@ -67,41 +87,79 @@ def test_editor_value_gives_image_and_painted_mask():
 
 
 def test_segment_with_a_painted_mask_equals_the_api(predictor, pictures, tmp_path):
-    support = np.asarray(Image.open(pictures["support"]))
-    mask = np.asarray(Image.open(pictures["mask"])) > 0
-    layer = np.zeros(support.shape[:2] + (4,), np.uint8)
-    layer[mask] = (255, 0, 0, 255)
-    editor = {
-        "background": np.dstack([support, np.full(support.shape[:2], 255, np.uint8)]),
-        "layers": [layer],
-        "composite": support,
-    }
+    editor = _painted(pictures["support"], pictures["mask"])
     queries = [str(pictures["query1"]), str(pictures["broken"]), str(pictures["query2"])]
-    result = segment(predictor, editor, None, queries, tmp_path / "out")
+    result = segment(predictor, [(editor, None)], queries, tmp_path / "out")
     assert [p.name for p in result.mask_files] == ["query1_mask.png", "query2_mask.png"]
     assert [name for name, _ in result.skipped] == ["broken.jpg"]
-    assert "Segmented 2 images" in result.message and "broken.jpg" in result.message
+    assert result.shots == 1
+    assert "Segmented 2 images with 1 support." in result.message and "broken.jpg" in result.message
     expected = predictor.predict(pictures["query1"], pictures["support"], pictures["mask"]).mask
     assert 0.05 < expected.mean() < 0.95  # a mask that depends on the picture, not all one value
-    np.testing.assert_array_equal(np.asarray(Image.open(result.mask_files[0])), expected * 255)
+    np.testing.assert_array_equal(_written(result.mask_files[0]), expected * 255)
     overlay, caption = result.overlays[0]
     assert overlay.shape == (80, 100, 3) and caption.startswith("query1.png")
-    # an uploaded mask file takes precedence over the painting
-    again = segment(predictor, editor, str(pictures["mask"]), queries[:1], tmp_path / "out2")
-    np.testing.assert_array_equal(np.asarray(Image.open(again.mask_files[0])), expected * 255)
+    # an uploaded mask file takes precedence over the painting: a painting of a different region is ignored
+    other = _painted(pictures["support"], pictures["mask"])
+    other["layers"][0] = np.roll(other["layers"][0], 40, axis=1)
+    again = segment(predictor, [(other, str(pictures["mask"]))], queries[:1], tmp_path / "out2")
+    np.testing.assert_array_equal(_written(again.mask_files[0]), expected * 255)
+
+
+def test_two_supports_equal_the_k_shot_api_and_empty_slots_are_skipped(predictor, pictures, tmp_path):
+    query = str(pictures["query1"])
+    supports = [
+        (str(pictures["support"]), str(pictures["mask"])),  # a file and its mask
+        ({"background": None, "layers": [], "composite": None}, None),  # an empty slot in the middle
+        (_painted(pictures["support2"], pictures["mask2"]), None),  # painted in the editor
+        (None, None),  # an empty slot at the end
+    ]
+    result = segment(predictor, supports, [query], tmp_path / "out")
+    assert result.shots == 2 and "Segmented 1 image with 2 supports." in result.message
+    two_shot = predictor.predict(
+        query, [pictures["support"], pictures["support2"]], [pictures["mask"], pictures["mask2"]]
+    ).mask
+    np.testing.assert_array_equal(_written(result.mask_files[0]), two_shot * 255)
+    # the second support counts: the 2-shot mask is not the 1-shot mask of either support
+    for image, mask in [("support", "mask"), ("support2", "mask2")]:
+        assert (predictor.predict(query, pictures[image], pictures[mask]).mask != two_shot).any()
+    # the same two supports in any slots, as arrays, give the same mask
+    arrays = [
+        (np.asarray(Image.open(pictures[i])), np.asarray(Image.open(pictures[m])))
+        for i, m in [("support", "mask"), ("support2", "mask2")]
+    ]
+    again = segment(predictor, [(None, None), arrays[0], (None, None), arrays[1]], [query], tmp_path / "o2")
+    np.testing.assert_array_equal(_written(again.mask_files[0]), two_shot * 255)
 
 
 def test_segment_explains_what_is_missing(predictor, pictures, tmp_path):
     support = np.asarray(Image.open(pictures["support"]))
-    with pytest.raises(DataError, match="upload a support image"):
-        segment(predictor, {"background": None, "layers": []}, None, [str(pictures["query1"])], tmp_path)
-    with pytest.raises(DataError, match="paint the object"):
-        segment(predictor, {"background": support, "layers": []}, None, [str(pictures["query1"])], tmp_path)
+    first = (str(pictures["support"]), str(pictures["mask"]))
+    query = [str(pictures["query1"])]
+    out = tmp_path / "out"
+    empty_editor = {"background": None, "layers": []}
+    for supports in ([], [(empty_editor, None)], [(None, None), (empty_editor, None)]):
+        with pytest.raises(DataError, match="upload a support image"):
+            segment(predictor, supports, query, out)
+    with pytest.raises(DataError, match="^support 1: paint the object or upload its mask$"):
+        segment(predictor, [({"background": support, "layers": []}, None)], query, out)
+    # the error names the slot on the page, counting the empty slots before it
+    with pytest.raises(DataError, match="^support 3: paint the object or upload its mask$"):
+        segment(predictor, [first, (None, None), (str(pictures["support2"]), None)], query, out)
+    with pytest.raises(DataError, match="^support 2: upload the image that this mask belongs to$"):
+        segment(predictor, [first, (None, str(pictures["mask2"]))], query, out)
+    with pytest.raises(DataError, match="^support 2: the mask marks no object pixel"):
+        segment(predictor, [first, (support, np.zeros(support.shape[:2], np.uint8))], query, out)
+    with pytest.raises(
+        DataError, match="^support 2: mask .*/support2_mask.png is 90x90 .* its image .*/support.png"
+    ):
+        segment(predictor, [first, (str(pictures["support"]), str(pictures["mask2"]))], query, out)
+    with pytest.raises(DataError, match="^support 2: the painted layer"):
+        bad = {"background": support, "layers": [np.zeros((10, 10, 4), np.uint8)]}
+        segment(predictor, [first, (bad, None)], query, out)
     with pytest.raises(DataError, match="at least one query"):
-        segment(predictor, support, str(pictures["mask"]), [], tmp_path)
-    with pytest.raises(DataError, match="no object pixel"):
-        empty = np.zeros(support.shape[:2], np.uint8)
-        segment(predictor, support, empty, [str(pictures["query1"])], tmp_path)
+        segment(predictor, [first], [], out)
+    assert not out.exists()  # nothing was written by a refused request
 
 
 # ---------------------------------------------------------------------------------------- in a browser
@@ -161,7 +219,7 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         # the page re-renders its lists while results arrive: an element read at that moment is stale
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(f"http://127.0.0.1:{port}/")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#support input[type=file]"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#support-1 input[type=file]"))
         assert "DEDN" in driver.title
 
         def text(selector: str) -> str:
@@ -181,40 +239,83 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
             old = set((previous or {}).values())
             return links if len(links) == 2 and not old & set(links.values()) else None
 
-        upload("#support", "support")
+        def shown(selector: str) -> bool:
+            return any(e.is_displayed() for e in driver.find_elements(By.CSS_SELECTOR, selector))
+
+        def download(url: str) -> np.ndarray:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return np.asarray(Image.open(BytesIO(response.read())))
+
+        def segment_and_wait(previous: dict | None) -> tuple[dict[str, str], str]:
+            """Press Segment; the new download links and the status line (both outputs of the same run)."""
+            driver.find_element(By.CSS_SELECTOR, "#run").click()
+            links = wait.until(lambda d: two_new_links(previous))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#overlays img")) == 2)
+            status = wait.until(lambda d: text("#status") if "Segmented" in text("#status") else None)
+            return links, status
+
+        # one support slot at first: the others are hidden and there is nothing to remove
+        assert shown("#support-1") and not shown("#support-2") and not shown("#support-mask-2")
+        assert not driver.find_element(By.CSS_SELECTOR, "#remove-support").is_enabled()
+        upload("#support-1", "support")
         upload("#queries", "query1", "query2", "broken")
         # uploads are asynchronous: wait until the page shows them
-        wait.until(lambda d: "Upload an image" not in text("#support"))
+        wait.until(lambda d: "Upload an image" not in text("#support-1"))
         wait.until(lambda d: all(n in text("#queries") for n in ("query1.png", "query2.jpg", "broken.jpg")))
 
         # 1. paint the object with the brush: a stroke across the support picture
-        driver.find_element(By.CSS_SELECTOR, "#support button[aria-label='Brush']").click()
-        canvas = driver.find_element(By.CSS_SELECTOR, "#support canvas")
+        driver.find_element(By.CSS_SELECTOR, "#support-1 button[aria-label='Brush']").click()
+        canvas = driver.find_element(By.CSS_SELECTOR, "#support-1 canvas")
         stroke = ActionChains(driver).move_to_element(canvas).click_and_hold()
         for _ in range(8):
             stroke = stroke.move_by_offset(6, 1)
         stroke.release().perform()
-        driver.find_element(By.CSS_SELECTOR, "#run").click()
-        painted_links = wait.until(lambda d: two_new_links())
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#overlays img")) == 2)
+        painted_links, status = segment_and_wait(None)
+        assert "with 1 support." in status
 
         # 2. upload the mask file (it takes precedence over the painting) and segment again
-        upload("#support-mask", "mask")
-        wait.until(lambda d: "support_mask.png" in text("#support-mask"))
-        driver.find_element(By.CSS_SELECTOR, "#run").click()
-        links = wait.until(lambda d: two_new_links(painted_links))
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#overlays img")) == 2)
-        status = wait.until(lambda d: text("#status") if "Segmented" in text("#status") else None)
-        assert "Segmented 2 images" in status and "Skipped broken.jpg" in status
+        upload("#support-mask-1", "mask")
+        wait.until(lambda d: "support_mask.png" in text("#support-mask-1"))
+        links, status = segment_and_wait(painted_links)
+        assert "Segmented 2 images with 1 support." in status and "Skipped broken.jpg" in status
         assert set(links) == {"query1_mask.png", "query2_mask.png"}
         assert all(href.startswith(f"http://127.0.0.1:{port}/") for href in links.values())
         # the downloaded mask is the one the Python API computes for the same files
-        with urllib.request.urlopen(links["query1_mask.png"], timeout=10) as response:
-            downloaded = np.asarray(Image.open(BytesIO(response.read())))
-        expected = predictor.predict(pictures["query1"], pictures["support"], pictures["mask"]).mask
-        np.testing.assert_array_equal(downloaded, expected * 255)
+        one_shot = predictor.predict(pictures["query1"], pictures["support"], pictures["mask"]).mask
+        np.testing.assert_array_equal(download(links["query1_mask.png"]), one_shot * 255)
+
+        # 3. a second support (image + mask file): each query is segmented with both (2-shot)
+        driver.find_element(By.CSS_SELECTOR, "#add-support").click()
+        wait.until(lambda d: shown("#support-2") and shown("#support-mask-2"))
+        assert (
+            not shown("#support-3") and driver.find_element(By.CSS_SELECTOR, "#remove-support").is_enabled()
+        )
+        upload("#support-2", "support2")
+        upload("#support-mask-2", "mask2")
+        wait.until(lambda d: "Upload an image" not in text("#support-2"))
+        wait.until(lambda d: "support2_mask.png" in text("#support-mask-2"))
+        two_links, status = segment_and_wait(links)
+        assert "Segmented 2 images with 2 supports." in status
+        two_shot = predictor.predict(
+            pictures["query1"],
+            [pictures["support"], pictures["support2"]],
+            [pictures["mask"], pictures["mask2"]],
+        ).mask
+        assert (two_shot != one_shot).any()
+        np.testing.assert_array_equal(download(two_links["query1_mask.png"]), two_shot * 255)
         shot = tmp_path / "app.png"
-        driver.save_screenshot(str(shot))
+        driver.save_screenshot(str(shot))  # the page with two supports and their results
+
+        # 4. a third slot shown and removed again, then the second: its pictures stay but are not used
+        driver.find_element(By.CSS_SELECTOR, "#add-support").click()
+        wait.until(lambda d: shown("#support-3"))
+        driver.find_element(By.CSS_SELECTOR, "#remove-support").click()
+        wait.until(lambda d: not shown("#support-3") and shown("#support-2"))
+        driver.find_element(By.CSS_SELECTOR, "#remove-support").click()
+        wait.until(lambda d: not shown("#support-2") and not shown("#support-mask-2"))
+        again, status = segment_and_wait(two_links)
+        assert "Segmented 2 images with 1 support." in status
+        np.testing.assert_array_equal(download(again["query1_mask.png"]), one_shot * 255)
         if os.environ.get("DEDN_SCREENSHOT_DIR"):  # to look at the page after the test
             target = Path(os.environ["DEDN_SCREENSHOT_DIR"])
             target.mkdir(parents=True, exist_ok=True)
@@ -224,7 +325,7 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         if driver is not None:
             driver.quit()
         demo.close()
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90
 
 
 def test_app_without_gradio_says_how_to_install(balanced_ckpt, monkeypatch, capsys):
@@ -235,3 +336,48 @@ def test_app_without_gradio_says_how_to_install(balanced_ckpt, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` fail
     assert main(["app", "--checkpoint", str(balanced_ckpt)]) == 2
     assert "pip install 'dedn[app]'" in capsys.readouterr().err
+
+
+def test_app_without_checkpoint_and_without_shipped_model_says_so(tmp_path, monkeypatch, capsys):
+    from dedn.cli import main
+
+    monkeypatch.setattr("dedn.pretrained.MODELS_DIR", tmp_path / "no-models")
+    (tmp_path / "no-models").mkdir()
+
+    def never(*args, **kwargs):
+        raise AssertionError("no page without a model")
+
+    monkeypatch.setattr("dedn.app.build_app", never)
+    assert main(["app", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "dedn: error: no shipped model" in err and "pass --checkpoint" in err
+
+
+def test_app_without_checkpoint_serves_the_shipped_model(balanced_ckpt, tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    from dedn.cli import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(balanced_ckpt, folder / "toy.pt")
+    digest = hashlib.sha256((folder / "toy.pt").read_bytes()).hexdigest()
+    manifest = {"default": "toy", "models": {"toy": {"file": "toy.pt", "sha256": digest}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("dedn.pretrained.MODELS_DIR", folder)
+    served = {}
+
+    class Page:
+        def launch(self, **kwargs):
+            served["launch"] = kwargs
+
+    def fake_build_app(predictor, description=""):
+        served["predictor"], served["description"] = predictor, description
+        return Page()
+
+    monkeypatch.setattr("dedn.app.build_app", fake_build_app)
+    assert main(["app", "--device", "cpu", "--port", "7999"]) == 0
+    assert served["predictor"].pretrained == "toy"
+    assert served["description"] == "Model: the shipped model toy (dedn, toy, input 64 px)."
+    assert served["launch"]["server_name"] == "127.0.0.1" and served["launch"]["server_port"] == 7999

@@ -1,8 +1,10 @@
 """A local web page for trying a trained model on your own pictures (``dedn app``).
 
-Upload a support image and either paint the object on it or upload its mask, add one or more query
-images, press *Segment*: the page shows each query with the predicted object overlaid and offers the
-masks (PNG, 0/255) for download. It runs on your machine only (``127.0.0.1`` by default) and needs the
+Upload one to five support images (*Add a support* / *Remove*) and, for each, paint the object on it or
+upload its mask; add one or more query images and press *Segment*: each query is segmented with all the
+supports (K-shot), the page shows it with the predicted object overlaid and offers the masks (PNG, 0/255)
+for download. Without ``--checkpoint`` the shipped model is loaded (:meth:`Predictor.from_pretrained`); the
+page says which model it runs. It runs on your machine only (``127.0.0.1`` by default) and needs the
 optional dependency gradio: ``pip install 'dedn[app]'``.
 
 The work itself is in :func:`segment`, a plain function (tested without a browser); :func:`build_app`
@@ -24,9 +26,11 @@ import numpy as np
 from dedn.errors import DataError, DednError
 from dedn.predict import Predictor, load_image, output_names, save_png
 
-__all__ = ["AppResult", "build_app", "editor_support", "launch_app", "segment"]
+__all__ = ["MAX_SUPPORTS", "AppResult", "build_app", "editor_support", "launch_app", "segment"]
 
 TITLE = "DEDN few-shot segmentation"
+#: support slots on the page
+MAX_SUPPORTS = 5
 
 
 @dataclass
@@ -38,6 +42,8 @@ class AppResult:
     #: queries that could not be read: (name, reason)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     message: str = ""
+    #: the number of supports used (K)
+    shots: int = 0
 
 
 def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -75,40 +81,66 @@ def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     return background, None if painted is None else painted.astype(np.uint8)
 
 
+def _slot_support(
+    predictor: Predictor, slot: int, value: Any, mask: Any, mask_value: int | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One support slot (1-based ``slot``) -> (RGB image, {0, 1, 255} mask), or None for an empty slot."""
+    image, painted = value, None
+    if isinstance(value, dict):
+        try:
+            image, painted = editor_support(value)
+        except DataError as e:
+            raise DataError(f"support {slot}: {e}") from None
+    if image is None or (isinstance(image, np.ndarray) and image.size == 0):
+        if mask is not None:
+            raise DataError(f"support {slot}: upload the image that this mask belongs to")
+        return None
+    mask = mask if mask is not None else painted
+    if mask is None:
+        raise DataError(f"support {slot}: paint the object or upload its mask")
+    try:
+        loaded, binary = predictor.load_support(image, mask, mask_value, slot - 1)
+    except DataError as e:
+        message = str(e)
+        prefix = "" if message.startswith(f"support {slot}") else f"support {slot}: "
+        raise DataError(prefix + message) from None
+    if not (binary == 1).any():
+        raise DataError(f"support {slot}: the mask marks no object pixel; paint the object or check the mask")
+    return loaded.pixels, binary
+
+
 def segment(
     predictor: Predictor,
-    support_image: Any,
-    support_mask: Any,
+    supports: Sequence[tuple[Any, Any]],
     queries: Sequence[Any] | None,
     out_dir: str | os.PathLike,
     mask_value: int | None = None,
 ) -> AppResult:
-    """Segment each query with one support; write ``<name>_mask.png`` files into ``out_dir``.
+    """Segment each query with all the given supports (K-shot); write ``<name>_mask.png`` into ``out_dir``.
 
-    ``support_image``: a path, an array, or an image-editor value (then paint on it gives the mask unless
-    ``support_mask`` is given); ``support_mask``: a path / array or None; ``queries``: paths or arrays.
-    Unreadable queries are listed in ``skipped`` and the others are still segmented.
+    ``supports``: one ``(image, mask)`` pair per slot, where ``image`` is a path, an array or an
+    image-editor value (then the painting gives the mask unless ``mask`` is given) and ``mask`` a path /
+    array or None. Slots without an image are skipped; errors name the slot (``support 2: ...``).
+    ``queries``: paths or arrays; unreadable ones are listed in ``skipped`` and the others still segmented.
     """
     from dedn.vis import overlay
 
-    image, painted = support_image, None
-    if isinstance(support_image, dict):
-        image, painted = editor_support(support_image)
-    if image is None or (isinstance(image, np.ndarray) and image.size == 0):
+    pairs = []
+    for slot, (value, mask) in enumerate(supports or [], start=1):
+        pair = _slot_support(predictor, slot, value, mask, mask_value)
+        if pair is not None:
+            pairs.append(pair)
+    if not pairs:
         raise DataError("upload a support image first")
-    mask = support_mask if support_mask is not None else painted
-    if mask is None:
-        raise DataError("paint the object on the support image, or upload its mask")
-    support_set = predictor.encode_supports([image], [mask], mask_value=mask_value)
-    if support_set.empty:
-        raise DataError("the support mask marks no object pixel: paint the object or check the mask")
     paths = [q for q in (queries or []) if q is not None]
     if not paths:
         raise DataError("upload at least one query image")
+    # the slots are decoded and checked above: their {0, 1, 255} masks are read back unchanged
+    support_set = predictor.encode_supports([p[0] for p in pairs], [p[1] for p in pairs])
     files = [Path(q) for q in paths if isinstance(q, str | os.PathLike)]
     names = iter(output_names(files))
     out_dir = Path(out_dir)
-    result = AppResult()
+    result = AppResult(shots=support_set.shots)
     for i, query in enumerate(paths):
         is_file = isinstance(query, str | os.PathLike)
         name = next(names) if is_file else f"query_{i + 1}"
@@ -124,8 +156,8 @@ def segment(
         if pred.fusion_weights:
             caption += " (" + ", ".join(f"{k} {v:.2f}" for k, v in pred.fusion_weights.items()) + ")"
         result.overlays.append((overlay(pred.image, pred.mask), caption))
-    done = len(result.overlays)
-    lines = [f"Segmented {done} image{'s' if done != 1 else ''}."]
+    done, k = len(result.overlays), result.shots
+    lines = [f"Segmented {done} image{'s' if done != 1 else ''} with {k} support{'s' if k != 1 else ''}."]
     lines += [f"Skipped {name}: {reason}" for name, reason in result.skipped]
     result.message = "\n\n".join(lines)
     return result
@@ -138,42 +170,69 @@ def build_app(predictor: Predictor, description: str = ""):
 
     lock = threading.Lock()  # one model, one episode at a time
 
-    def run(editor_value, mask_file, query_files):
+    def run(count, query_files, *slots):
+        count = max(1, min(int(count or 1), MAX_SUPPORTS))
+        editors, mask_files = slots[0::2], slots[1::2]
+        supports = [(editors[i], _file_path(mask_files[i])) for i in range(count)]  # hidden slots ignored
         out_dir = tempfile.mkdtemp(prefix="dedn-app-")
         try:
             with lock:
-                result = segment(
-                    predictor,
-                    editor_value,
-                    _file_path(mask_file),
-                    [_file_path(f) for f in (query_files or [])],
-                    out_dir,
-                )
+                result = segment(predictor, supports, [_file_path(f) for f in (query_files or [])], out_dir)
         except DednError as e:
             raise gr.Error(str(e)) from None
         return result.overlays, [str(p) for p in result.mask_files], result.message
+
+    def show(old: int, new: int):
+        """Updates from ``old`` to ``new`` visible slots: the count, the slot columns (only the one that
+        appears or disappears changes), the two buttons. A hidden slot keeps what it holds (it comes back
+        with it) but is not used."""
+        columns = [
+            gr.update(visible=i < new) if old != new and i == min(old, new) else gr.update()
+            for i in range(MAX_SUPPORTS)
+        ]
+        buttons = [gr.update(interactive=new < MAX_SUPPORTS), gr.update(interactive=new > 1)]
+        return [new, *columns, *buttons]
+
+    def add(count):
+        return show(int(count), min(int(count) + 1, MAX_SUPPORTS))
+
+    def remove(count):
+        return show(int(count), max(int(count) - 1, 1))
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(
             f"## {TITLE}\n"
             "1. Upload a **support** image and paint over the object with the brush, *or* upload its mask "
-            "(white or any single value on black, or a palette PNG).\n"
+            "(white or any single value on black, or a palette PNG). **Add a support** for up to "
+            f"{MAX_SUPPORTS} examples of the same object: each query is segmented with all of them.\n"
             "2. Upload one or more **query** images and press **Segment**: the object is found in each "
             "query; the masks can be downloaded below." + (f"\n\n{description}" if description else "")
         )
+        count = gr.State(1)
         with gr.Row():
             with gr.Column():
-                support = gr.ImageEditor(
-                    label="Support image (paint the object)",
-                    type="numpy",
-                    sources=["upload"],
-                    elem_id="support",
-                )
-                mask = gr.File(
-                    label="Support mask (optional, instead of painting)",
-                    file_types=["image"],
-                    elem_id="support-mask",
-                )
+                columns, editors, masks_in = [], [], []
+                for i in range(1, MAX_SUPPORTS + 1):
+                    with gr.Column(visible=i == 1, elem_id=f"support-slot-{i}") as column:
+                        editors.append(
+                            gr.ImageEditor(
+                                label=f"Support {i} (paint the object)",
+                                type="numpy",
+                                sources=["upload"],
+                                elem_id=f"support-{i}",
+                            )
+                        )
+                        masks_in.append(
+                            gr.File(
+                                label=f"Support {i} mask (optional, instead of painting)",
+                                file_types=["image"],
+                                elem_id=f"support-mask-{i}",
+                            )
+                        )
+                    columns.append(column)
+                with gr.Row():
+                    add_button = gr.Button("Add a support", elem_id="add-support")
+                    remove_button = gr.Button("Remove", interactive=False, elem_id="remove-support")
             with gr.Column():
                 queries = gr.File(
                     label="Query images", file_count="multiple", file_types=["image"], elem_id="queries"
@@ -192,7 +251,22 @@ def build_app(predictor: Predictor, description: str = ""):
         masks = gr.File(
             label="Masks (PNG, 0 = background, 255 = object)", file_count="multiple", elem_id="masks"
         )
-        button.click(run, [support, mask, queries], [gallery, masks, status], api_name="segment")
+        slot_outputs = [count, *columns, add_button, remove_button]
+        # every click counts (a quick second click is not dropped while the first is finishing), one at a
+        # time: the two buttons share one queue, so each reads the count the previous click left
+        for button_, fn in [(add_button, add), (remove_button, remove)]:
+            button_.click(
+                fn,
+                [count],
+                slot_outputs,
+                api_name=False,
+                trigger_mode="multiple",
+                show_progress="hidden",
+                concurrency_limit=1,
+                concurrency_id="support-slots",
+            )
+        slots = [c for pair in zip(editors, masks_in, strict=True) for c in pair]
+        button.click(run, [count, queries, *slots], [gallery, masks, status], api_name="segment")
     return demo
 
 
