@@ -61,7 +61,8 @@ GROUPS: dict[str, tuple[int, list[str], list[str], list[str]]] = {
 
 #: rough cost of one run on the 2-core CPU, two runs at a time (seconds of 1-shot training and scoring
 #: on test seed 0; docs/results.md), used only to start the longest runs first
-COST = {"dedn": 400, "object": 220, "scenario": 170, "pfenet": 200}  # pfenet: estimated, not measured
+#: (the peers: their one-thread trainings of docs/results.md plus scoring)
+COST = {"dedn": 400, "object": 220, "scenario": 170, "pfenet": 320, "hsnet": 1100, "bam": 320}
 
 
 def cost(rows: list[str], shots: int) -> float:

@@ -75,9 +75,11 @@ METHODS = {
     "scenario": Row(["model.method=scenario"]),
     "proto": Row(None, ["model.method=proto"]),
     "prior": Row(None, ["model.method=prior"]),
-    # a peer method trained and scored in the same harness: PFENet's head on the same frozen features,
-    # with DEDN's training budget (docs/method.md, "Peers in the same harness")
+    # peer methods trained and scored in the same harness: on the same frozen features, with DEDN's
+    # training budget (docs/method.md, "Peers in the same harness"); BAM also trains its base learner first
     "pfenet": Row(["model.method=pfenet"]),
+    "hsnet": Row(["model.method=hsnet"]),
+    "bam": Row(["model.method=bam"]),
 }
 ABLATIONS = {
     "dedn w/o Scenario Normalization": Row(["model.method=dedn", "model.scenario.normalization=none"]),

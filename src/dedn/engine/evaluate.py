@@ -100,8 +100,9 @@ class EpisodeRunner:
         return (restored[0, 1] > restored[0, 0]).long()
 
     @torch.no_grad()
-    def run(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """-> prediction (H, W), target (H, W) at the query's original label size, model outputs."""
+    def run(self, episode: Episode, class_ids: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-> prediction (H, W), target (H, W) at the query's original label size, model outputs.
+        ``class_ids``: give the model the episode's class (BAM's validation on base classes only)."""
         label = self.label(episode.query)
         q = self._features(episode.query)
         s = [self._features(sid) for sid in episode.supports]
@@ -109,8 +110,9 @@ class EpisodeRunner:
         sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
         key = (tuple(episode.supports), episode.class_id)
         cached = self._scores.get(key)
+        extra = {"class_ids": torch.tensor([episode.class_id], device=self.device)} if class_ids else {}
         out = self.model.forward_features(
-            qf, sf, self.support_masks(episode), (self.size, self.size), support_scores=cached
+            qf, sf, self.support_masks(episode), (self.size, self.size), support_scores=cached, **extra
         )
         if cached is None and "support_scores" in out and getattr(self.model.cfg.fusion, "mode", "") == "awf":
             self._scores[key] = out["support_scores"]
@@ -149,6 +151,7 @@ def evaluate_episodes(
     on_episode: Callable[[int, EpisodeResult], None] | None = None,
     expert_metrics: dict[str, FewShotIoU] | None = None,
     pad_fill: tuple[float, float, float] | None = None,
+    class_ids: bool = False,
 ) -> FewShotIoU:
     """Score ``episodes`` (this process's share of them) and return the metric, summed over processes.
 
@@ -156,14 +159,15 @@ def evaluate_episodes(
     same forward pass: ``expert_metrics[name]`` is filled with its metric; so are the fusions that need
     no extra pass (``fusion=mean``, and ``fusion=gate`` for a model with a fusion gate). ``pad_fill``:
     the test images' padding colour (default: the ImageNet mean, as the feature store's; a different
-    fill needs ``cache`` to be an in-memory cache, not the store)."""
+    fill needs ``cache`` to be an in-memory cache, not the store). ``class_ids``: give the model each
+    episode's class (validation of BAM on base classes; never the test, whose classes are novel)."""
     dist_info = dist_info or DistInfo()
     runner = EpisodeRunner(model, source, size, device, cache, pad_fill)
     metric = FewShotIoU(classes)
     model.eval()
     mine = range(dist_info.rank, len(episodes), dist_info.world_size)
     for i in tqdm(mine, desc=desc, disable=not (progress and dist_info.is_main), leave=False):
-        prediction, target, out = runner.run(episodes[i])
+        prediction, target, out = runner.run(episodes[i], class_ids)
         metric.update(prediction, target, episodes[i].class_id)
         if expert_metrics is not None and len(out.get("experts", {})) > 1:
             for name, logits in {**out["experts"], **other_fusions(out)}.items():

@@ -138,9 +138,10 @@ class FeatureEpisodes:
         return feats, mask
 
     def batch(self, indices: list[int], device: torch.device) -> dict:
-        q_feats, q_masks, s_feats, s_masks = [], [], [], []
+        q_feats, q_masks, s_feats, s_masks, class_ids = [], [], [], [], []
         for index in indices:
             ep = self.episode(index)
+            class_ids.append(ep.class_id)
             flips = np.random.default_rng([self.seed, index, 7]).random(1 + self.shots) < self.flip
             f, m = self._item(ep.query, ep.class_id, bool(flips[0]))
             q_feats.append(f)
@@ -156,6 +157,7 @@ class FeatureEpisodes:
             "supports": {k: torch.stack([f[k] for f in s_feats]).to(device) for k in keys},
             "query_mask": torch.stack(q_masks).to(device),
             "support_masks": torch.stack(s_masks).to(device),
+            "class_ids": torch.tensor(class_ids, device=device),
         }
 
 
@@ -208,6 +210,10 @@ class Trainer:
             )
         if not self.bench.split.train_pairs:
             raise ConfigError("no training pairs: check data.fold, data.min_pixels and the data root")
+        if cfg.model.method == "bam" and not cfg.train.feature_cache:
+            raise ConfigError(
+                "model.method = bam trains its base learner on stored features: set train.feature_cache=true"
+            )
         torch.manual_seed(cfg.train.seed)
         self.model = FewShotSegmenter(cfg.model).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -280,6 +286,8 @@ class Trainer:
                 self.bench.train_source.num_classes,
                 cfg.data.min_pixels,
             )
+            if cfg.model.method == "bam" and self.step == 0:
+                self._train_base_learner(episodes)
             for indices in sampler:
                 yield episodes.batch(indices, self.device)
             return
@@ -309,7 +317,32 @@ class Trainer:
                 "supports": batch["support_images"].to(self.device),
                 "query_mask": batch["query_mask"].to(self.device),
                 "support_masks": batch["support_masks"].to(self.device),
+                "class_ids": batch["class_id"].to(self.device),
             }
+
+    def _train_base_learner(self, episodes: FeatureEpisodes) -> None:
+        """BAM's first stage (before the first episode): its base learner on the base classes' labels of
+        the training images, then frozen (dedn.models.bam.train_base_learner)."""
+        from dedn.models.bam import train_base_learner
+
+        cfg = self.cfg
+        base_ids = sorted(c for c in self.by_class if 1 <= c <= self.bench.train_source.num_classes)
+        start = time.perf_counter()
+        loss = train_base_learner(
+            self.model.experts["bam"],
+            episodes.labels,
+            episodes._stored,
+            base_ids,
+            cfg.model.bam,
+            cfg.train.seed,
+            cfg.train.loss_size or cfg.data.image_size,
+            cfg.train.augment.flip,
+            self.device,
+            log=lambda record: self.log({"step": 0, **record}),
+        )
+        self.log(
+            {"step": 0, "base_learner_seconds": round(time.perf_counter() - start, 2), "loss/base": loss}
+        )
 
     def _forward(self, batch: dict) -> dict:
         """The model on a batch, its logits at ``train.loss_size`` (``batch["query_mask"]`` is resized to
@@ -321,7 +354,11 @@ class Trainer:
         if tuple(mask.shape[-2:]) != size:
             batch["query_mask"] = F.interpolate(mask[:, None].float(), size, mode="nearest")[:, 0].long()
         # images or stored features: the model takes either
-        return net(batch["query"], batch["supports"], batch["support_masks"], out_size=size)
+        # the episode's class reaches only BAM (which leaves a base class out of its base-learner map)
+        class_ids = batch.get("class_ids") if self.cfg.model.method == "bam" else None
+        return net(
+            batch["query"], batch["supports"], batch["support_masks"], out_size=size, class_ids=class_ids
+        )
 
     def validate(self) -> dict | None:
         if not self.val_episodes:
@@ -336,6 +373,7 @@ class Trainer:
             self.val_cache,
             self.info,
             progress=False,
+            class_ids=self.cfg.model.method == "bam",
         )
         self.model.train()
         return metric.compute()

@@ -7,6 +7,8 @@
   (:mod:`dedn.models.hsnet`).
 - ``pfenet``: a peer method, PFENet's head (prior mask + Feature Enrichment Module) on the same frozen
   features and reduction layer (dedn.models.pfenet).
+- ``bam``: a peer method, BAM's meta learner, frozen base learner and Gram-adjusted ensemble
+  (dedn.models.bam).
 
 The frozen backbone is separated from the rest (:meth:`FewShotSegmenter.encode`), so an image's
 backbone features can be computed once and reused in every episode where it appears.
@@ -78,8 +80,8 @@ class FewShotSegmenter(nn.Module):
             )
 
         names = [e for e in ("object", "scenario") if self.method in ("dedn", e)]
-        if self.method == "pfenet":
-            names = ["pfenet"]
+        if self.method in ("pfenet", "bam"):
+            names = [self.method]
         # shared: one module; per_expert: one per expert, keyed by its name (created before the experts,
         # so that a seed initialises the shared layout as it always did)
         self.reduce: nn.Module = (
@@ -95,6 +97,11 @@ class FewShotSegmenter(nn.Module):
             )
         if self.method == "pfenet":
             self.experts["pfenet"] = PFENetHead(c, cfg.pfenet, cfg.dropout)
+        if self.method == "bam":
+            from dedn.models.bam import BAMHead
+
+            low = info[self.mid_levels[0]].channels  # the shallowest stored level: BAM's Gram input
+            self.experts["bam"] = BAMHead(c, mid_channels, low, cfg.bam, cfg.dropout)
         self.expert_names = list(self.experts)
         if self.method == "dedn" and cfg.fusion.gate:
             self.gate = FusionGate()
@@ -178,20 +185,28 @@ class FewShotSegmenter(nn.Module):
         return {"mid": mid, "high": high}
 
     def forward(
-        self, query, supports, support_masks: Tensor, out_size: tuple[int, int] | None = None
+        self,
+        query,
+        supports,
+        support_masks: Tensor,
+        out_size: tuple[int, int] | None = None,
+        class_ids: Tensor | None = None,
     ) -> dict:
         """Images (query (B, 3, H, W), supports (B, K, 3, H, W)) or, when ``query`` is a dict, their
         precomputed features. ``out_size``: the size of the returned logits (required for features; for
-        images, default the input size)."""
+        images, default the input size). ``class_ids`` (B,): each episode's class, read only by BAM, to leave
+        a base class out of its base-learner map in training and validation; never given at test time."""
         if isinstance(query, dict):
             if out_size is None:
                 raise ValueError("out_size is required when the model is given features")
-            return self.forward_features(query, supports, support_masks, out_size)
+            return self.forward_features(query, supports, support_masks, out_size, class_ids=class_ids)
         b, k = supports.shape[:2]
         q = self.encode(query)
         s = self.encode(supports.flatten(0, 1))
         s = {name: t.view(b, k, *t.shape[1:]) for name, t in s.items()}
-        return self.forward_features(q, s, support_masks, out_size or tuple(query.shape[-2:]))
+        return self.forward_features(
+            q, s, support_masks, out_size or tuple(query.shape[-2:]), class_ids=class_ids
+        )
 
     # ------------------------------------------------------------------ heads
     def forward_features(
@@ -201,6 +216,7 @@ class FewShotSegmenter(nn.Module):
         support_masks: Tensor,
         out_size: tuple[int, int],
         support_scores: Tensor | None = None,
+        class_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w).
 
@@ -218,7 +234,7 @@ class FewShotSegmenter(nn.Module):
         elif self.method == "hsnet":
             out = self._hsnet_outputs(query, supports, fg, out_size)  # at out_size: _upsample keeps it
         else:
-            out = self._expert_outputs(query, supports, fg, bg)
+            out = self._expert_outputs(query, supports, fg, bg, class_ids=class_ids)
         grid_logits = dict(out.get("experts", {}))
         if self.gate is not None:
             gated, gate_map = self.gate([grid_logits[e] for e in self.expert_names], out_size)
@@ -256,7 +272,7 @@ class FewShotSegmenter(nn.Module):
             out["fusion_weights"] = weights
             out["probability"] = fused
             out["logits"] = fused.clamp_min(1e-6).log()
-        elif self.method in ("object", "scenario", "pfenet"):
+        elif self.method in ("object", "scenario", "pfenet", "bam"):
             out["logits"] = out["experts"][self.method]
         # An episode whose supports have no foreground pixel has nothing to find: predict background.
         empty = (support_masks == 1).flatten(1).sum(dim=1) == 0
@@ -275,7 +291,7 @@ class FewShotSegmenter(nn.Module):
         fg, bg = mask_fractions(support_masks.flatten(0, 1), (h, w))
         return fg.view(b, k, 1, h, w), bg.view(b, k, 1, h, w)
 
-    def _expert_outputs(self, query, supports, fg, bg, only: str | None = None) -> dict:
+    def _expert_outputs(self, query, supports, fg, bg, only: str | None = None, class_ids=None) -> dict:
         """Each expert's logits at the feature grid (``only``: that expert alone)."""
         b, k = fg.shape[:2]
         reduced: dict[nn.Module, tuple[Tensor, Tensor]] = {}
@@ -307,6 +323,13 @@ class FewShotSegmenter(nn.Module):
             # the per-scale logits of the FEM at their own sizes (the loss upsamples them)
             out["intermediate"] = p["intermediate"]
             out["aux"].update(prior=p["prior"], prototype=p["prototype"])
+        if "bam" in self.experts and only in (None, "bam"):
+            fq, fs = features("bam")
+            args = (query["mid"], supports["mid"], query["high"], supports["high"])
+            p = self.experts["bam"](fq, fs, fg, *args, class_ids=class_ids)
+            out["experts"]["bam"] = p["logits"]
+            out["intermediate"] = [p["meta"]]  # the meta learner's own loss (BAM's auxiliary term)
+            out["aux"].update(prior=p["prior"], base=p["base"], gram=p["gram"])
         return out
 
     @staticmethod

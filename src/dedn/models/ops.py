@@ -174,19 +174,26 @@ def scene_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     return features.mean(dim=(2, 3), keepdim=True), features.std(dim=(2, 3), keepdim=True, unbiased=False)
 
 
+def gram_matrix(x: Tensor) -> Tensor:
+    """(N, C, h, w) -> (N, C, C): the cosine similarity between every two channels' spatial maps."""
+    f = F.normalize(x.flatten(2), dim=2)
+    return torch.bmm(f, f.transpose(1, 2))
+
+
+def gram_distances(query: Tensor, support: Tensor) -> Tensor:
+    """Frobenius distance of the query's Gram matrix to each shot's: (B, C, h, w), (B, K, C, h, w) ->
+    (B, K)."""
+    gq = gram_matrix(query)
+    diffs = [(gq - gram_matrix(support[:, k])).flatten(1).norm(dim=1) for k in range(support.shape[1])]
+    return torch.stack(diffs, dim=1)
+
+
 def gram_difference(query: Tensor, support: Tensor) -> Tensor:
     """BAM's scene difference: Frobenius distance of the Gram matrices.
 
     query (B, C, h, w), support (B, K, C, h, w) -> (B,), averaged over shots.
     """
-
-    def gram(x: Tensor) -> Tensor:
-        f = F.normalize(x.flatten(2), dim=2)
-        return torch.bmm(f, f.transpose(1, 2))
-
-    gq = gram(query)
-    diffs = [(gq - gram(support[:, k])).flatten(1).norm(dim=1) for k in range(support.shape[1])]
-    return torch.stack(diffs, dim=1).mean(dim=1) / query.shape[1]
+    return gram_distances(query, support).mean(dim=1) / query.shape[1]
 
 
 def soft_iou(fg_prob: Tensor, masks: Tensor) -> Tensor:
