@@ -30,6 +30,7 @@ from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import open_feature_store
 from dedn.engine.train import Trainer, validation_episodes
 from dedn.models.network import FewShotSegmenter
+from dedn.utils.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def main() -> None:
             t = trial(args.config, overrides, out / f"fold{fold}-{value}", checkpoint)
             t.update({"fold": fold, "value": value})
             trials.append(t)
-            results_file.write_text(json.dumps(trials, indent=2))
+            atomic_write_json(results_file, trials)
             experts = "".join(f", {k[9:]} {100 * v:.1f}" for k, v in t.items() if k.startswith("val_miou_"))
             print(f"fold {fold} {args.param}={value}: val mIoU {100 * t['val_miou']:.1f}{experts}")
     lines = [
@@ -105,7 +106,7 @@ def main() -> None:
         cells = " | ".join(f"{100 * v:.1f}" for v in got)
         mean = f"{100 * sum(got) / len(got):.1f}" if got else "-"
         lines.append(f"| {value} | {cells} | {mean} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -431,3 +431,27 @@ class _NeverStores(dict):
 
     def popitem(self, last=True):
         return None
+
+
+def test_self_support_pass_scores_each_support_image_once(tmp_path, monkeypatch):
+    """support_pass=self at K > 1: a (support image, class) that recurs across episodes, in any position,
+    is scored once; the metric is bit-identical to scoring every episode's shots inside the model."""
+    from dedn.engine import evaluate as evaluate_module
+
+    cfg, model = _trained_model(tmp_path)
+    model.cfg.fusion.matcher = "proto"
+    model.cfg.fusion.support_pass = "self"
+    bench = build_benchmark(cfg.data)
+    episodes = sample_test_episodes(bench.split.test_pairs, 12, 2, seed=3)
+    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, torch.device("cpu"))
+    calls = []
+    original = model.shot_scores
+    monkeypatch.setattr(model, "shot_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    reused = evaluate_episodes(*args, progress=False)
+    distinct = len({(sid, e.class_id) for e in episodes for sid in e.supports})
+    assert len(calls) == distinct < 2 * len(episodes)
+    # the model's own pass over all shots of each episode, nothing reused
+    monkeypatch.setattr(evaluate_module.EpisodeRunner, "_self_scores", lambda *a: None)
+    inside = evaluate_episodes(*args, progress=False)
+    for key in ("class_intersection", "class_union", "totals"):
+        assert torch.equal(reused.state_dict()[key], inside.state_dict()[key])

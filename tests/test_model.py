@@ -578,3 +578,32 @@ def test_matcher_is_a_test_time_setting_and_off_for_single_experts():
     fusion = dataclasses.replace(ModelConfig().fusion, matcher="proto")
     cfg = ModelConfig(method="object", channels=16, fusion=fusion)
     assert FewShotSegmenter(cfg, ToyBackbone()).fusion_members == ["object"]
+
+
+def test_self_support_pass_scores_each_shot_from_itself_alone():
+    """support_pass=self: shot k's scores depend on shot k alone (the same as scoring it as a 1-shot
+    support set), and at K = 1 the two support passes are the same computation."""
+    cfg = with_changes(
+        ModelConfig(channels=16), **{"fusion__matcher": "proto", "fusion__support_pass": "self"}
+    )
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    _, supports, masks, _ = episode(k=3)
+    masks[:, 1, 10:20, 30:40] = 1  # shots that differ
+    feats = model.encode(supports.flatten(0, 1))
+    feats = {n: t.view(2, 3, *t.shape[1:]) for n, t in feats.items()}
+    together = model.shot_scores(feats, masks, (48, 48))
+    assert together.shape == (2, 3, 3)
+    for i in range(3):
+        alone = model.shot_scores(
+            {n: t[:, i : i + 1] for n, t in feats.items()}, masks[:, i : i + 1], (48, 48)
+        )
+        assert torch.equal(together[:, i], alone[:, 0])
+    loo = with_changes(cfg, **{"fusion__support_pass": "leave_one_out"})
+    model_loo = FewShotSegmenter(loo, ToyBackbone()).eval()
+    model_loo.load_state_dict(model.state_dict())
+    one = {n: t[:, :1] for n, t in feats.items()}
+    assert torch.equal(
+        model.support_scores(one, masks[:, :1], (48, 48)),
+        model_loo.support_scores(one, masks[:, :1], (48, 48)),
+    )
+    assert not torch.equal(model_loo.shot_scores(feats, masks, (48, 48)), together)

@@ -155,6 +155,12 @@ class FusionConfig:
     #: the support itself shows the trained experts failing (a class unlike the training classes, such as
     #: stuff), its weight rises and the fusion falls back to matching
     matcher: str = "none"
+    #: awf at K > 1: how each member is scored on the support set. leave_one_out: K pseudo-episodes,
+    #: shot k segmented from the other K - 1 shots. self: each shot segmented from itself alone, as at
+    #: K = 1; a score then depends on one support image and its class only, so an evaluation computes it
+    #: once per (image, class) and reuses it in every episode where that support recurs. K = 1: the same.
+    #: self scored 0.5 lower at 5 shots on PASCAL-5i and 0.3 on CamVid, 3.5x faster (docs/results.md)
+    support_pass: str = "leave_one_out"
 
 
 @dataclass
@@ -400,6 +406,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
     "model.fusion.matcher": ("none", "proto"),
+    "model.fusion.support_pass": ("leave_one_out", "self"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "model.hsnet.shot_mode": ("vote", "joint"),
     "loss.distill.mode": ("correct", "foreground", "off"),

@@ -27,6 +27,7 @@ _MODEL_KEYS_IGNORED = (
     "model.fusion.temperature",
     "model.fusion.confidence",
     "model.fusion.matcher",
+    "model.fusion.support_pass",
     "model.hsnet.shot_mode",
 )
 _MODEL_PREFIXES_IGNORED = ("model.baseline.",)

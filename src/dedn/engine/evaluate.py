@@ -68,6 +68,27 @@ class EpisodeRunner:
         self._scores: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._max_scores = 65536
 
+    def _remember(self, key: tuple, scores: torch.Tensor) -> None:
+        self._scores[key] = scores
+        if len(self._scores) > self._max_scores:
+            self._scores.popitem(last=False)
+
+    def _self_scores(self, episode: Episode, sf: dict, masks: torch.Tensor) -> torch.Tensor:
+        """AWF's (1, E) scores under ``model.fusion.support_pass = self``: each shot's score depends on
+        that support image and the class alone, so it is computed once per (image, class) and reused in
+        every episode where that support recurs (in any position); the same numbers as one pass over the
+        episode's shots."""
+        per_shot = []
+        for i, sid in enumerate(episode.supports):
+            key = ("shot", sid, episode.class_id)
+            if key not in self._scores:
+                one = {name: t[:, i : i + 1] for name, t in sf.items()}
+                self._remember(
+                    key, self.model.shot_scores(one, masks[:, i : i + 1], (self.size, self.size))[:, 0]
+                )
+            per_shot.append(self._scores[key])
+        return torch.stack(per_shot, dim=1).mean(dim=1)
+
     def label(self, image_id: str) -> np.ndarray:
         if image_id in self._labels:
             self._labels.move_to_end(image_id)
@@ -109,15 +130,19 @@ class EpisodeRunner:
         qf = {k: v.unsqueeze(0) for k, v in q.items()}
         sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
         key = (tuple(episode.supports), episode.class_id)
-        cached = self._scores.get(key)
+        masks = self.support_masks(episode)
+        fusion = getattr(self.model.cfg, "fusion", None)
+        awf = getattr(self.model, "method", "") == "dedn" and getattr(fusion, "mode", "") == "awf"
+        if awf and len(episode.supports) > 1 and fusion.support_pass == "self":
+            cached = self._self_scores(episode, sf, masks)
+        else:
+            cached = self._scores.get(key)
         extra = {"class_ids": torch.tensor([episode.class_id], device=self.device)} if class_ids else {}
         out = self.model.forward_features(
-            qf, sf, self.support_masks(episode), (self.size, self.size), support_scores=cached, **extra
+            qf, sf, masks, (self.size, self.size), support_scores=cached, **extra
         )
-        if cached is None and "support_scores" in out and getattr(self.model.cfg.fusion, "mode", "") == "awf":
-            self._scores[key] = out["support_scores"]
-            if len(self._scores) > self._max_scores:
-                self._scores.popitem(last=False)
+        if cached is None and "support_scores" in out and awf:
+            self._remember(key, out["support_scores"])
         prediction = self.prediction(out["logits"], label.shape[:2])
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
             self.device

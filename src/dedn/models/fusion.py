@@ -1,10 +1,11 @@
 """Adaptive Weighted Fusion (AWF): weight the experts by how well each one segments the support set.
 
 Per episode, each expert predicts the support images themselves (K = 1: the support is its own query;
-K > 1: leave-one-out over the shots) and is scored by soft IoU against the support masks: r_e. The episode
-weights are w = softmax(r / tau). Per pixel, each expert's prediction is further weighted by its
-confidence c_e = 1 - H(p_e) / log 2. This uses no query label and no training on the novel class: it is
-how the trained experts are adapted to a class they have never seen.
+K > 1: leave-one-out over the shots, or each shot as its own query with ``support_pass = self``) and is
+scored by soft IoU against the support masks: r_e. The episode weights are w = softmax(r / tau). Per
+pixel, each expert's prediction is further weighted by its confidence c_e = 1 - H(p_e) / log 2. This uses
+no query label and no training on the novel class: it is how the trained experts are adapted to a class
+they have never seen.
 """
 
 from __future__ import annotations

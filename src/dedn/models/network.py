@@ -344,28 +344,37 @@ class FewShotSegmenter(nn.Module):
         return out
 
     def support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
-        """Soft IoU of each expert on the support set: (B, E).
+        """Soft IoU of each fusion member on the support set: (B, E), the mean of :meth:`shot_scores`."""
+        return self.shot_scores(supports, support_masks, out_size).mean(dim=1)
 
-        K = 1: the support is fed as its own query. K > 1: leave-one-out, shot k is the query and the
-        other K - 1 shots are its supports. Reuses the support features already computed.
+    def shot_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
+        """Soft IoU of each fusion member on each shot: (B, K, E).
+
+        K = 1, or ``model.fusion.support_pass = self``: shot k is fed as its own query, with itself as the
+        only support. Otherwise leave-one-out: shot k is the query and the other K - 1 shots are its
+        supports. Reuses the support features already computed.
         """
         # The weights are a per-episode estimate, not a training signal: no gradient, no activations kept.
         with torch.no_grad():
-            return self._support_scores(supports, support_masks, out_size)
+            return self._shot_scores(supports, support_masks, out_size)
 
-    def _support_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
+    def _shot_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
         k = support_masks.shape[1]
+        alone = k == 1 or self.cfg.fusion.support_pass == "self"
         per_shot = []
         # one pseudo-episode per shot, run shot by shot: all K at once would multiply the memory of the
         # dense matching by K (tens of GB for ResNet features at 5 shots)
         for i in range(k):
-            rest = torch.tensor(
-                [0] if k == 1 else [j for j in range(k) if j != i], device=support_masks.device
-            )
             pseudo_query = {n: t[:, i] for n, t in supports.items()}  # (B, C, h, w)
-            pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K', C, h, w)
+            if alone:
+                pseudo_supports = {n: t[:, i : i + 1] for n, t in supports.items()}  # (B, 1, C, h, w)
+                pseudo_masks = support_masks[:, i : i + 1]
+            else:
+                rest = torch.tensor([j for j in range(k) if j != i], device=support_masks.device)
+                pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K - 1, C, h, w)
+                pseudo_masks = support_masks[:, rest]
             # the members only: no fusion and no empty-support override are needed for the scores
-            fg, bg = self._support_fractions(support_masks[:, rest], pseudo_query["mid"].shape[-2:])
+            fg, bg = self._support_fractions(pseudo_masks, pseudo_query["mid"].shape[-2:])
             out = self._expert_outputs(pseudo_query, pseudo_supports, fg, bg)
             if len(self.fusion_members) > len(self.expert_names):
                 out["experts"]["matcher"] = self._matcher_logits(pseudo_query, pseudo_supports, fg, bg)
@@ -374,7 +383,7 @@ class FewShotSegmenter(nn.Module):
             per_shot.append(
                 torch.stack([soft_iou(x.softmax(dim=1)[:, 1], target) for x in out["experts"].values()], 1)
             )
-        return torch.stack(per_shot, dim=1).mean(dim=1)  # (B, E)
+        return torch.stack(per_shot, dim=1)  # (B, K, E)
 
     @torch.no_grad()
     def cycle_scores(
