@@ -3,11 +3,13 @@
 Prints, from one run (compare ratios within it: this machine is shared and noisy):
 
 - episodes per second of ``proto``, the object and the scenario expert (each a model of its own), DEDN
-  with plain averaging (both experts, no AWF support pass), DEDN as configured (AWF with the matcher) and
-  DEDN with AWF's ``support_pass=self`` (each support image scored once per class and reused), at 1 and 5
-  shots, and each one's time per episode as a multiple of ``proto``'s. Support sets and support images
-  recur more the more episodes are scored, so the AWF arms get faster per episode with ``--episodes``
-  (a test run has 1,000 per seed); an untimed pass over the episodes first warms the store's pages;
+  with plain averaging (both experts, no AWF support pass), DEDN as configured (AWF with the matcher),
+  DEDN with AWF's ``support_pass=self`` (each support image scored once per class and reused) and DEDN
+  fusing on the feature grid (``model.fusion.resolution=grid``), at 1 and 5 shots, and each one's time
+  per episode as a multiple of ``proto``'s. The arms are timed interleaved, episode by episode, so that
+  the machine's load falls on each alike; an untimed pass over the episodes first warms the store's
+  pages. Support sets and support images recur more the more episodes are scored, so the AWF arms get
+  faster per episode with ``--episodes`` (a test run has 1,000 per seed);
 - the store's bytes per image (float32 and float16);
 - ``dedn eval`` of ``proto`` under torchrun with 2 processes against 1 (wall time ratio), so that a
   user with more cores or GPUs sees how evaluation scales.
@@ -42,33 +44,53 @@ ARMS = {
     "dedn (mean)": ["model.fusion.mode=mean", "model.fusion.matcher=none"],
     "dedn": [],
     "dedn (self pass)": ["model.fusion.support_pass=self"],
+    "dedn (grid)": ["model.fusion.resolution=grid"],
 }
 
 
-def time_arm(config: str, sets: list[str], episodes: int, shots: int) -> tuple[float, float]:
-    """(seconds per episode, mIoU) of one arm on the first ``episodes`` test episodes of seed 0."""
+def time_arms(config: str, arms: list[str], episodes: int, shots: int) -> dict[str, tuple[float, float]]:
+    """{arm: (seconds per episode, mIoU)} on the first ``episodes`` test episodes of seed 0.
+
+    The arms are timed interleaved: episode by episode, each arm in turn (the order rotating), so that a
+    change in the machine's load during the run falls on every arm alike and the ratios stay fair. Each
+    arm does what ``evaluate_episodes`` does per episode (the runner's pass, the metric's update), with its
+    own runner, hence its own cache of AWF's support scores, as in a ``dedn eval`` run."""
     import torch
 
     from dedn.config import load_config
     from dedn.data.episodes import sample_test_episodes
     from dedn.engine.benchmark import build_benchmark
-    from dedn.engine.evaluate import evaluate_episodes
+    from dedn.engine.evaluate import EpisodeRunner
     from dedn.engine.features import open_feature_store
+    from dedn.metrics import FewShotIoU
     from dedn.models.network import FewShotSegmenter
 
-    cfg = load_config(config, [*sets, f"data.shots={shots}"])
     device = torch.device("cpu")
-    bench = build_benchmark(cfg.data)
-    torch.manual_seed(0)
-    model = FewShotSegmenter(cfg.model).to(device).eval()
-    store = open_feature_store(cfg, model, bench.test_source, device, progress=False)
+    runners, metrics = {}, {}
+    for arm in arms:
+        cfg = load_config(config, [*ARMS[arm], f"data.shots={shots}"])
+        bench = build_benchmark(cfg.data)
+        torch.manual_seed(0)
+        model = FewShotSegmenter(cfg.model).to(device).eval()
+        store = open_feature_store(cfg, model, bench.test_source, device, progress=False)
+        runners[arm] = EpisodeRunner(model, bench.test_source, cfg.data.image_size, device, store)
+        metrics[arm] = FewShotIoU(bench.split.novel)
     eps = sample_test_episodes(bench.split.test_pairs, episodes, shots, seed=0)
-    args = (model, bench.test_source)
-    rest = (bench.split.novel, cfg.data.image_size, device, store)
-    evaluate_episodes(*args, eps[:3], *rest, progress=False)  # warm-up: first reads, allocations
-    start = time.perf_counter()
-    metric = evaluate_episodes(*args, eps, *rest, progress=False)
-    return (time.perf_counter() - start) / episodes, metric.compute()["miou"]
+    # untimed: every episode once through a runner of its own, so that no arm pays for the store's first
+    # reads from disk (each arm's runner still decodes each label once, as a run does)
+    warm = EpisodeRunner(runners[arms[0]].model, bench.test_source, cfg.data.image_size, device, store)
+    with torch.no_grad():
+        for episode in eps:
+            warm.run(episode)
+    seconds = dict.fromkeys(arms, 0.0)
+    with torch.no_grad():
+        for i, episode in enumerate(eps):
+            for arm in arms[i % len(arms) :] + arms[: i % len(arms)]:
+                start = time.perf_counter()
+                prediction, target, _ = runners[arm].run(episode)
+                metrics[arm].update(prediction, target, episode.class_id)
+                seconds[arm] += time.perf_counter() - start
+    return {arm: (seconds[arm] / episodes, metrics[arm].compute()["miou"]) for arm in arms}
 
 
 def store_sizes(config: str) -> dict[str, int]:
@@ -120,12 +142,9 @@ def main() -> None:
     print("\n| shots | method | ms / episode | episodes / s | x proto | mIoU (untrained heads) |")
     print("|---|---|---|---|---|---|")
     for shots in args.shots:
-        base = None
-        # an untimed pass first, so that no arm pays for reading the store's pages from disk
-        time_arm(args.config, ARMS["proto"], args.episodes, shots)
-        for arm in args.arms:
-            seconds, miou = time_arm(args.config, ARMS[arm], args.episodes, shots)
-            base = seconds if arm == "proto" else base
+        timed = time_arms(args.config, args.arms, args.episodes, shots)
+        base = timed["proto"][0] if "proto" in timed else None
+        for arm, (seconds, miou) in timed.items():
             ratio = f"{seconds / base:.2f}" if base else "-"
             row = [str(shots), arm, f"{1000 * seconds:.1f}", f"{1 / seconds:.1f}", ratio, f"{100 * miou:.1f}"]
             print("| " + " | ".join(row) + " |", flush=True)

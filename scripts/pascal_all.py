@@ -3,9 +3,9 @@
 The tables (``docs/results.md``, "Current figures") and the ``scripts/pascal_table.py`` invocations that
 make them, one per table, fold and trained model:
 
-- ``main-1shot``: DEDN, its two experts trained alone, the peer method PFENet (trained in the same
-  harness, on the same features and budget) and the training-free ``proto`` and ``prior``; 1-shot, 5
-  test seeds x 1,000 episodes per fold.
+- ``main-1shot``: DEDN, its two experts trained alone, the peers PFENet, HSNet and BAM (trained in the
+  same harness, on the same features and budget) and the training-free ``proto`` and ``prior``; 1-shot,
+  5 test seeds x 1,000 episodes per fold.
 - ``main-5shot``: the same rows at 5 shots, each trained model trained on 5-shot episodes
   (``--train-shots test``); 5 test seeds.
 - ``ablations``: DEDN and each removal the issue lists (Scenario Normalization, Object Continuity
@@ -22,7 +22,7 @@ one process with ``--threads`` threads; ``--jobs`` of them at a time (on this pr
 
     python scripts/pascal_all.py --dry-run                    # the commands, in the order they start
     python scripts/pascal_all.py --groups ablations --jobs 2  # one table
-    python scripts/pascal_all.py                              # all three (about 5 hours on 2 cores)
+    python scripts/pascal_all.py                              # all three (about 8 hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ TABLE = REPO / "scripts" / "pascal_table.py"
 
 #: the trained rows of each table (one invocation per fold and row: each trains its own model) and its
 #: training-free rows (one invocation per fold for all of them)
-MAIN_TRAINED = ["dedn", "object", "scenario", "pfenet"]
+MAIN_TRAINED = ["dedn", "object", "scenario", "pfenet", "hsnet", "bam"]
 MAIN_FREE = ["proto", "prior"]
 ABLATION_ROWS = [
     "dedn",

@@ -10,7 +10,14 @@ from dedn.losses import dedn_loss, positive_guided_kl, prototype_contrast
 from dedn.models.experts import shot_attention, support_attention
 from dedn.models.fusion import fuse_probabilities, fusion_weights
 from dedn.models.network import FewShotSegmenter
-from dedn.models.ops import continuity_guidance, cosine_prior, scene_normalize, soft_iou
+from dedn.models.ops import (
+    continuity_guidance,
+    cosine_prior,
+    mask_fractions,
+    scene_normalize,
+    soft_iou,
+    soft_iou_fractions,
+)
 from dedn.models.toy import ToyBackbone
 
 
@@ -607,3 +614,55 @@ def test_self_support_pass_scores_each_shot_from_itself_alone():
         model_loo.support_scores(one, masks[:, :1], (48, 48)),
     )
     assert not torch.equal(model_loo.shot_scores(feats, masks, (48, 48)), together)
+
+
+def test_soft_iou_on_fractions_is_soft_iou_on_a_grid_as_fine_as_the_mask_and_weighs_mixed_cells():
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(2, 12, 12, generator=g)
+    masks = torch.randint(0, 2, (2, 12, 12), generator=g)
+    masks[:, :3] = 255
+    fg, bg = (x[:, 0] for x in mask_fractions(masks, (12, 12)))
+    torch.testing.assert_close(soft_iou_fractions(prob, fg, bg), soft_iou(prob, masks))
+    # one cell, half foreground and half ignore, predicted at p: labelled share 0.5, target share 0.5
+    half = torch.tensor([[[0.5]]])
+    p = torch.tensor([[[0.8]]])
+    inter, union = 0.8 * 0.5 * 0.5, 0.8 * 0.5 + 0.5 - 0.8 * 0.5 * 0.5
+    torch.testing.assert_close(
+        soft_iou_fractions(p, half, torch.zeros(1, 1, 1)), torch.tensor([inter / union])
+    )
+
+
+def test_grid_resolution_fuses_on_the_feature_grid_and_scores_the_support_there():
+    """model.fusion.resolution=grid: the fused probability is the fusion of the members' grid
+    probabilities, upsampled; AWF's scores are soft IoUs against the shot's mask fractions on the grid."""
+    cfg = with_changes(ModelConfig(channels=16), **{"fusion__matcher": "proto", "fusion__resolution": "grid"})
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=1)
+    q = model.encode(query)
+    s = {n: t.view(2, 1, *t.shape[1:]) for n, t in model.encode(supports.flatten(0, 1)).items()}
+    with torch.no_grad():
+        out = model.forward_features(q, s, masks, (48, 48))
+        grid = q["mid"].shape[-2:]
+        fg, bg = model._support_fractions(masks, grid)
+        members = model._expert_outputs(q, s, fg, bg)["experts"]
+        logits = [members[e] for e in model.expert_names] + [model._matcher_logits(q, s, fg, bg)]
+        # the support as its own query, scored on the grid
+        sq = {n: t[:, 0] for n, t in s.items()}
+        own = model._expert_outputs(sq, s, fg, bg)["experts"]
+        own = [own[e] for e in model.expert_names] + [model._matcher_logits(sq, s, fg, bg)]
+        scores = torch.stack(
+            [soft_iou_fractions(x.softmax(dim=1)[:, 1], fg[:, 0, 0], bg[:, 0, 0]) for x in own], dim=1
+        )
+    torch.testing.assert_close(out["support_scores"], scores)
+    fused = fuse_probabilities([x.softmax(dim=1) for x in logits], fusion_weights(scores, 0.1))
+    expected = torch.nn.functional.interpolate(fused, (48, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["probability"], expected)
+    assert out["logits"].shape == (2, 2, 48, 48)
+    assert out["experts"]["object"].shape == (2, 2, 48, 48)  # the members themselves at the output size
+    # the default fuses at the output size: another computation, the same checkpoint
+    output = FewShotSegmenter(with_changes(cfg, **{"fusion__resolution": "output"}), ToyBackbone()).eval()
+    output.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other = output.forward_features(q, s, masks, (48, 48))
+    assert not torch.allclose(other["probability"], out["probability"])
+    torch.testing.assert_close(other["experts"]["object"], out["experts"]["object"])

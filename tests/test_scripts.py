@@ -217,7 +217,7 @@ def test_whole_table_driver_plans_every_row_of_the_issue_once_per_fold(tmp_path)
                 found += c[c.index("--rows") + 1 :]
         return sorted(found)
 
-    main = sorted(["dedn", "object", "scenario", "pfenet", "proto", "prior"])
+    main = sorted(["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "proto", "prior"])
     ablations = ["dedn", "dedn w/o Scenario Normalization", "dedn w/o Object Continuity Guidance"]
     ablations += ["dedn w/o contrastive term", "dedn w/o positive-guided KL", "dedn, PKL correct-teacher"]
     for fold in range(4):
@@ -233,7 +233,7 @@ def test_whole_table_driver_plans_every_row_of_the_issue_once_per_fold(tmp_path)
     # trained runs start before the training-free ones, 5-shot trainings (the longest) first
     first_free = next(i for i, c in enumerate(runs) if "proto" in c)
     assert all("proto" in c for c in runs[first_free:])
-    assert "main-5shot" in runs[0][runs[0].index("--out") + 1] and "dedn" in runs[0]
+    assert "main-5shot" in runs[0][runs[0].index("--out") + 1] and "hsnet" in runs[0]  # the costliest
 
 
 def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
@@ -242,10 +242,11 @@ def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
     out = run_script("pascal_all.py", *args, "--root", str(tmp_path / "ok"), "--jobs", "2", *sets)
     records = json.loads((tmp_path / "ok" / "main-1shot" / "table.json").read_text())
     assert sorted(r["row"] for r in records) == sorted(
-        ["dedn", "object", "scenario", "pfenet", "proto", "prior"]
+        ["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "proto", "prior"]
     )
     assert "| dedn |" in (tmp_path / "ok" / "main-1shot" / "table.md").read_text()
-    assert out.count("done in") == 5  # dedn, object, scenario, pfenet; proto and prior in one run
+    # dedn, object, scenario and the three peers one run each; proto and prior in one run
+    assert out.count("done in") == 7
     # a failed run is named with its log, and no table is collected from a group with a failed run
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "pascal_all.py"), *args, "--root", str(tmp_path / "bad")]
@@ -253,7 +254,7 @@ def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode != 0 and "5 run(s) failed" in done.stderr and "000.log" in done.stderr
+    assert done.returncode != 0 and "7 run(s) failed" in done.stderr and "000.log" in done.stderr
     assert "no_such_key" in (tmp_path / "bad" / "logs" / "000.log").read_text()
     assert not (tmp_path / "bad" / "main-1shot" / "table.json").exists()
 

@@ -28,6 +28,7 @@ _MODEL_KEYS_IGNORED = (
     "model.fusion.confidence",
     "model.fusion.matcher",
     "model.fusion.support_pass",
+    "model.fusion.resolution",
     "model.hsnet.shot_mode",
 )
 _MODEL_PREFIXES_IGNORED = ("model.baseline.",)

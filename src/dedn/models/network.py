@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dedn.config import ModelConfig
 from dedn.models.experts import ObjectExpert, ScenarioExpert
 from dedn.models.fusion import FusionGate, fuse_probabilities, fusion_weights
-from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou
+from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou, soft_iou_fractions
 from dedn.models.pfenet import PFENetHead
 
 TRAINING_FREE = ("proto", "prior")
@@ -241,12 +241,17 @@ class FewShotSegmenter(nn.Module):
             out["gate_probability"] = gated
         out = self._upsample(out, out_size)
         if self.method == "dedn":
-            probs = [out["experts"][e].softmax(dim=1) for e in self.expert_names]
             mode = self.cfg.fusion.train_mode if self.training else self.cfg.fusion.mode
+            # fusion on the feature grid (model.fusion.resolution = grid): a test-time setting
+            on_grid = self._fuses_on_grid(mode)
+            members = [(grid_logits if on_grid else out["experts"])[e] for e in self.expert_names]
             if mode == "awf" and len(self.fusion_members) > len(self.expert_names):
-                matcher = self._upsample({"logits": self._matcher_logits(query, supports, fg, bg)}, out_size)
-                out["matcher"] = {self.cfg.fusion.matcher: matcher["logits"]}
-                probs.append(matcher["logits"].softmax(dim=1))
+                matcher = self._matcher_logits(query, supports, fg, bg)
+                out["matcher"] = {
+                    self.cfg.fusion.matcher: self._upsample({"logits": matcher}, out_size)["logits"]
+                }
+                members.append(matcher if on_grid else out["matcher"][self.cfg.fusion.matcher])
+            probs = [x.softmax(dim=1) for x in members]
             if mode == "gate":
                 if self.gate is None:
                     raise ValueError("model.fusion.mode = gate needs a model trained with model.fusion.gate")
@@ -269,6 +274,8 @@ class FewShotSegmenter(nn.Module):
             if mode != "gate":
                 confidence = self.cfg.fusion.confidence and mode in ("awf", "cycle")
                 fused = fuse_probabilities(probs, weights, confidence)
+                if on_grid:  # the fused probability is what is upsampled, as the members' logits are
+                    fused = F.interpolate(fused, out_size, mode="bilinear", align_corners=False)
             out["fusion_weights"] = weights
             out["probability"] = fused
             out["logits"] = fused.clamp_min(1e-6).log()
@@ -282,6 +289,12 @@ class FewShotSegmenter(nn.Module):
             out["logits"] = torch.where(empty.view(b, 1, 1, 1), fixed, out["logits"])
         out["empty_support"] = empty
         return out
+
+    def _fuses_on_grid(self, mode: str) -> bool:
+        """Whether the fusion (and AWF's support scores) run on the feature grid: at test time, with
+        ``model.fusion.resolution = grid``, for the fusions that weigh the members' probabilities."""
+        fusion = self.cfg.fusion
+        return not self.training and fusion.resolution == "grid" and mode in ("awf", "cycle", "mean")
 
     @staticmethod
     def _support_fractions(support_masks: Tensor, size) -> tuple[Tensor, Tensor]:
@@ -361,6 +374,7 @@ class FewShotSegmenter(nn.Module):
     def _shot_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
         k = support_masks.shape[1]
         alone = k == 1 or self.cfg.fusion.support_pass == "self"
+        on_grid = self._fuses_on_grid("awf")
         per_shot = []
         # one pseudo-episode per shot, run shot by shot: all K at once would multiply the memory of the
         # dense matching by K (tens of GB for ResNet features at 5 shots)
@@ -374,15 +388,23 @@ class FewShotSegmenter(nn.Module):
                 pseudo_supports = {n: t[:, rest] for n, t in supports.items()}  # (B, K - 1, C, h, w)
                 pseudo_masks = support_masks[:, rest]
             # the members only: no fusion and no empty-support override are needed for the scores
-            fg, bg = self._support_fractions(pseudo_masks, pseudo_query["mid"].shape[-2:])
+            grid = pseudo_query["mid"].shape[-2:]
+            fg, bg = self._support_fractions(pseudo_masks, grid)
             out = self._expert_outputs(pseudo_query, pseudo_supports, fg, bg)
             if len(self.fusion_members) > len(self.expert_names):
                 out["experts"]["matcher"] = self._matcher_logits(pseudo_query, pseudo_supports, fg, bg)
-            out = self._upsample(out, out_size)
-            target = _resized(support_masks[:, i], out_size)
-            per_shot.append(
-                torch.stack([soft_iou(x.softmax(dim=1)[:, 1], target) for x in out["experts"].values()], 1)
-            )
+            if on_grid:  # against the shot's own mask fractions on the grid
+                own = (fg, bg) if alone else self._support_fractions(support_masks[:, i : i + 1], grid)
+                shot_fg, shot_bg = (x[:, 0, 0] for x in own)
+                scores = [
+                    soft_iou_fractions(x.softmax(dim=1)[:, 1], shot_fg, shot_bg)
+                    for x in out["experts"].values()
+                ]
+            else:
+                out = self._upsample(out, out_size)
+                target = _resized(support_masks[:, i], out_size)
+                scores = [soft_iou(x.softmax(dim=1)[:, 1], target) for x in out["experts"].values()]
+            per_shot.append(torch.stack(scores, 1))
         return torch.stack(per_shot, dim=1)  # (B, K, E)
 
     @torch.no_grad()

@@ -209,6 +209,17 @@ def soft_iou(fg_prob: Tensor, masks: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(EPS), torch.zeros_like(union))
 
 
+def soft_iou_fractions(fg_prob: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
+    """:func:`soft_iou` on a coarse grid: foreground probabilities (N, h, w) against each cell's
+    foreground and background fractions (N, h, w) (:func:`mask_fractions`) -> (N,). A cell counts with its
+    labelled share (``fg + bg``; the rest is "ignore"), its target is its foreground share: on a grid as
+    fine as the mask, the same as :func:`soft_iou`."""
+    p = fg_prob * (fg + bg)
+    inter = (p * fg).sum(dim=(1, 2))
+    union = (p + fg - p * fg).sum(dim=(1, 2))
+    return torch.where(union > 0, inter / union.clamp_min(EPS), torch.zeros_like(union))
+
+
 def binary_confidence(prob: Tensor) -> Tensor:
     """1 - H(p) / log 2 for two-class probabilities (N, 2, H, W) -> (N, 1, H, W) in [0, 1]."""
     entropy = -(prob * prob.clamp_min(1e-8).log()).sum(dim=1, keepdim=True)
