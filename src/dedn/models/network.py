@@ -365,7 +365,9 @@ class FewShotSegmenter(nn.Module):
 
         K = 1, or ``model.fusion.support_pass = self``: shot k is fed as its own query, with itself as the
         only support. Otherwise leave-one-out: shot k is the query and the other K - 1 shots are its
-        supports. Reuses the support features already computed.
+        supports. Reuses the support features already computed. The soft IoU is taken at ``out_size``
+        against the mask, or with ``model.fusion.resolution = grid`` on the feature grid against the
+        shot's mask fractions (:func:`soft_iou_fractions`).
         """
         # The weights are a per-episode estimate, not a training signal: no gradient, no activations kept.
         with torch.no_grad():
