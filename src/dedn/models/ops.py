@@ -201,19 +201,15 @@ def soft_iou(fg_prob: Tensor, masks: Tensor) -> Tensor:
 
     Ignore pixels are left out; an empty union gives 0.
     """
-    valid = (masks != 255).float()
-    target = (masks == 1).float()
-    p = fg_prob * valid
-    inter = (p * target).sum(dim=(1, 2))
-    union = (p + target - p * target).sum(dim=(1, 2))
-    return torch.where(union > 0, inter / union.clamp_min(EPS), torch.zeros_like(union))
+    # a pixel is its own cell: its foreground and background fractions are 0 or 1
+    return soft_iou_fractions(fg_prob, (masks == 1).float(), (masks == 0).float())
 
 
 def soft_iou_fractions(fg_prob: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
     """:func:`soft_iou` on a coarse grid: foreground probabilities (N, h, w) against each cell's
     foreground and background fractions (N, h, w) (:func:`mask_fractions`) -> (N,). A cell counts with its
-    labelled share (``fg + bg``; the rest is "ignore"), its target is its foreground share: on a grid as
-    fine as the mask, the same as :func:`soft_iou`."""
+    labelled share (``fg + bg``; the rest is "ignore"), its target is its foreground share; an empty
+    union gives 0. On a grid as fine as the mask, :func:`soft_iou`."""
     p = fg_prob * (fg + bg)
     inter = (p * fg).sum(dim=(1, 2))
     union = (p + fg - p * fg).sum(dim=(1, 2))
