@@ -1,7 +1,8 @@
 """Efficiency of DEDN and the peer methods in one harness: parameters, training step, scoring, memory.
 
-For each method (default: proto, dedn, pfenet, hsnet, bam), with the settings of a config (default the offline
-PASCAL-5i table's, where only ``model.method`` differs between the methods), from one run:
+For each method (default: proto, dedn, pfenet, hsnet, bam, hdmnet), with the settings of a config
+(default the offline PASCAL-5i table's, where only ``model.method`` differs between the methods), from
+one run:
 
 - trainable parameters (the heads: the frozen backbone is shared and not counted);
 - seconds per training step on stored-feature inputs (batch and loss size of the config; the heads'
@@ -31,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
-METHODS = ["proto", "dedn", "pfenet", "hsnet", "bam"]
+METHODS = ["proto", "dedn", "pfenet", "hsnet", "bam", "hdmnet"]
 
 
 def child(kind: str, method: str, shots: int, args) -> dict:

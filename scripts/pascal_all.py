@@ -41,7 +41,7 @@ TABLE = REPO / "scripts" / "pascal_table.py"
 
 #: the trained rows of each table (one invocation per fold and row: each trains its own model) and its
 #: training-free rows (one invocation per fold for all of them)
-MAIN_TRAINED = ["dedn", "object", "scenario", "pfenet", "hsnet", "bam"]
+MAIN_TRAINED = ["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "hdmnet"]
 MAIN_FREE = ["proto", "prior"]
 ABLATION_ROWS = [
     "dedn",
@@ -62,7 +62,7 @@ GROUPS: dict[str, tuple[int, list[str], list[str], list[str]]] = {
 #: rough cost of one run on the 2-core CPU, two runs at a time (seconds of 1-shot training and scoring
 #: on test seed 0; docs/results.md), used only to start the longest runs first
 #: (the peers: their one-thread trainings of docs/results.md plus scoring)
-COST = {"dedn": 400, "object": 220, "scenario": 170, "pfenet": 320, "hsnet": 1100, "bam": 320}
+COST = {"dedn": 400, "object": 220, "scenario": 170, "pfenet": 320, "hsnet": 1100, "bam": 320, "hdmnet": 700}
 
 
 def cost(rows: list[str], shots: int) -> float:

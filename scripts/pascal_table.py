@@ -80,6 +80,7 @@ METHODS = {
     "pfenet": Row(["model.method=pfenet"]),
     "hsnet": Row(["model.method=hsnet"]),
     "bam": Row(["model.method=bam"]),
+    "hdmnet": Row(["model.method=hdmnet"]),
 }
 ABLATIONS = {
     "dedn w/o Scenario Normalization": Row(["model.method=dedn", "model.scenario.normalization=none"]),

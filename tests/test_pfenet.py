@@ -268,16 +268,10 @@ def test_negative_intermediate_weight_is_refused():
 def test_onnx_export_matches_pytorch(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from dedn.export import EpisodeGraph, export_onnx, run_onnx
+    from usage_helpers import assert_onnx_matches
 
     torch.manual_seed(0)
     model = FewShotSegmenter(ModelConfig(method="pfenet", backbone="toy", weights=None, channels=16)).eval()
     # 80 px: a 10 x 10 grid pooled to 10, 5, 3 and 1 cells (3 does not divide 10: the pooling must be
     # traceable for any sizes)
-    report = export_onnx(model, tmp_path / "pfenet.onnx", shots=2, image_size=80)
-    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
-    query, supports, masks, _ = episode(b=1, k=2, size=80, seed=5)
-    with torch.no_grad():
-        expected = EpisodeGraph(model)(query, supports, masks.float())
-    got = run_onnx(report.path, query, supports, masks.float())
-    assert float((got - expected).abs().max()) < 1e-4
+    assert_onnx_matches(model, tmp_path / "pfenet.onnx", shots=2, size=80)

@@ -217,7 +217,7 @@ def test_whole_table_driver_plans_every_row_of_the_issue_once_per_fold(tmp_path)
                 found += c[c.index("--rows") + 1 :]
         return sorted(found)
 
-    main = sorted(["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "proto", "prior"])
+    main = sorted(["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "hdmnet", "proto", "prior"])
     ablations = ["dedn", "dedn w/o Scenario Normalization", "dedn w/o Object Continuity Guidance"]
     ablations += ["dedn w/o contrastive term", "dedn w/o positive-guided KL", "dedn, PKL correct-teacher"]
     for fold in range(4):
@@ -242,11 +242,11 @@ def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
     out = run_script("pascal_all.py", *args, "--root", str(tmp_path / "ok"), "--jobs", "2", *sets)
     records = json.loads((tmp_path / "ok" / "main-1shot" / "table.json").read_text())
     assert sorted(r["row"] for r in records) == sorted(
-        ["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "proto", "prior"]
+        ["dedn", "object", "scenario", "pfenet", "hsnet", "bam", "hdmnet", "proto", "prior"]
     )
     assert "| dedn |" in (tmp_path / "ok" / "main-1shot" / "table.md").read_text()
-    # dedn, object, scenario and the three peers one run each; proto and prior in one run
-    assert out.count("done in") == 7
+    # dedn, object, scenario and the four peers one run each; proto and prior in one run
+    assert out.count("done in") == 8
     # a failed run is named with its log, and no table is collected from a group with a failed run
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "pascal_all.py"), *args, "--root", str(tmp_path / "bad")]
@@ -254,7 +254,7 @@ def test_whole_table_driver_runs_a_table_and_reports_a_failed_run(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode != 0 and "7 run(s) failed" in done.stderr and "000.log" in done.stderr
+    assert done.returncode != 0 and "8 run(s) failed" in done.stderr and "000.log" in done.stderr
     assert "no_such_key" in (tmp_path / "bad" / "logs" / "000.log").read_text()
     assert not (tmp_path / "bad" / "main-1shot" / "table.json").exists()
 

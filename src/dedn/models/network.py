@@ -9,6 +9,8 @@
   features and reduction layer (dedn.models.pfenet).
 - ``bam``: a peer method, BAM's meta learner, frozen base learner and Gram-adjusted ensemble
   (dedn.models.bam).
+- ``hdmnet``: a peer method, HDMNet's hierarchical transformer, matching modules, correlation
+  distillation and decoder on the same frozen features and reduction layer (dedn.models.hdmnet).
 
 The frozen backbone is separated from the rest (:meth:`FewShotSegmenter.encode`), so an image's
 backbone features can be computed once and reused in every episode where it appears.
@@ -80,7 +82,7 @@ class FewShotSegmenter(nn.Module):
             )
 
         names = [e for e in ("object", "scenario") if self.method in ("dedn", e)]
-        if self.method in ("pfenet", "bam"):
+        if self.method in ("pfenet", "bam", "hdmnet"):
             names = [self.method]
         # shared: one module; per_expert: one per expert, keyed by its name (created before the experts,
         # so that a seed initialises the shared layout as it always did)
@@ -102,6 +104,10 @@ class FewShotSegmenter(nn.Module):
 
             low = info[self.mid_levels[0]].channels  # the shallowest stored level: BAM's Gram input
             self.experts["bam"] = BAMHead(c, mid_channels, low, cfg.bam, cfg.dropout)
+        if self.method == "hdmnet":
+            from dedn.models.hdmnet import HDMNetHead
+
+            self.experts["hdmnet"] = HDMNetHead(c, cfg.hdmnet, cfg.dropout)
         self.expert_names = list(self.experts)
         if self.method == "dedn" and cfg.fusion.gate:
             self.gate = FusionGate()
@@ -279,7 +285,7 @@ class FewShotSegmenter(nn.Module):
             out["fusion_weights"] = weights
             out["probability"] = fused
             out["logits"] = fused.clamp_min(1e-6).log()
-        elif self.method in ("object", "scenario", "pfenet", "bam"):
+        elif self.method in ("object", "scenario", "pfenet", "bam", "hdmnet"):
             out["logits"] = out["experts"][self.method]
         # An episode whose supports have no foreground pixel has nothing to find: predict background.
         empty = (support_masks == 1).flatten(1).sum(dim=1) == 0
@@ -343,6 +349,12 @@ class FewShotSegmenter(nn.Module):
             out["experts"]["bam"] = p["logits"]
             out["intermediate"] = [p["meta"]]  # the meta learner's own loss (BAM's auxiliary term)
             out["aux"].update(prior=p["prior"], base=p["base"], gram=p["gram"])
+        if "hdmnet" in self.experts and only in (None, "hdmnet"):
+            fq, fs = features("hdmnet")
+            p = self.experts["hdmnet"](fq, fs, fg, query["high"], supports["high"])
+            out["experts"]["hdmnet"] = p["logits"]
+            # each stage's correlation map, finest first (the loss distils them: loss.correlation_kl)
+            out["aux"].update(prior=p["prior"], correlations=p["correlations"])
         return out
 
     @staticmethod
