@@ -43,9 +43,10 @@ def child(kind: str, method: str, shots: int, args) -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     out: dict = {}
     if kind == "score":
-        from scoring import time_arm
+        from scoring import time_arms
 
-        seconds, _ = time_arm(args.config, [f"model.method={method}"], args.episodes, shots)
+        settings = {method: [f"model.method={method}", *args.overrides]}
+        seconds, _ = time_arms(args.config, [method], args.episodes, shots, settings)[method]
         out["ms_per_episode"] = 1000 * seconds
     else:
         from train_step import time_method
@@ -53,7 +54,7 @@ def child(kind: str, method: str, shots: int, args) -> dict:
         from dedn.config import load_config
         from dedn.models.network import FewShotSegmenter
 
-        cfg = load_config(args.config, [f"model.method={method}"])
+        cfg = load_config(args.config, [f"model.method={method}", *args.overrides])
         model = FewShotSegmenter(cfg.model)
         out["parameters"] = sum(
             p.numel()
@@ -61,7 +62,9 @@ def child(kind: str, method: str, shots: int, args) -> dict:
             if p.requires_grad and not n.startswith("backbone.")
         )
         if model.trainable:
-            step_args = argparse.Namespace(config=args.config, overrides=[], shots=shots, steps=args.steps)
+            step_args = argparse.Namespace(
+                config=args.config, overrides=list(args.overrides), shots=shots, steps=args.steps
+            )
             per_step, settings = time_method(method, step_args)
             out.update(s_per_step=per_step, train_steps=settings["train_steps"])
     # ru_maxrss is in KiB on Linux
@@ -72,6 +75,7 @@ def child(kind: str, method: str, shots: int, args) -> dict:
 def run_child(kind: str, method: str, shots: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, method, str(shots), "--config", args.config,
            "--episodes", str(args.episodes), "--steps", str(args.steps)]  # fmt: skip
+    cmd += [a for setting in args.overrides for a in ("--set", setting)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -85,6 +89,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--episodes", type=int, default=60, help="test episodes per method and shot count")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per method (1 shot)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -48,8 +48,11 @@ ARMS = {
 }
 
 
-def time_arms(config: str, arms: list[str], episodes: int, shots: int) -> dict[str, tuple[float, float]]:
-    """{arm: (seconds per episode, mIoU)} on the first ``episodes`` test episodes of seed 0.
+def time_arms(
+    config: str, arms: list[str], episodes: int, shots: int, settings: dict[str, list[str]] | None = None
+) -> dict[str, tuple[float, float]]:
+    """{arm: (seconds per episode, mIoU)} on the first ``episodes`` test episodes of seed 0. ``settings``:
+    each arm's config overrides (default :data:`ARMS`).
 
     The arms are timed interleaved: episode by episode, each arm in turn (the order rotating), so that a
     change in the machine's load during the run falls on every arm alike and the ratios stay fair. Each
@@ -68,7 +71,7 @@ def time_arms(config: str, arms: list[str], episodes: int, shots: int) -> dict[s
     device = torch.device("cpu")
     runners, metrics = {}, {}
     for arm in arms:
-        cfg = load_config(config, [*ARMS[arm], f"data.shots={shots}"])
+        cfg = load_config(config, [*(settings or ARMS)[arm], f"data.shots={shots}"])
         bench = build_benchmark(cfg.data)
         torch.manual_seed(0)
         model = FewShotSegmenter(cfg.model).to(device).eval()

@@ -186,6 +186,29 @@ def test_train_step_benchmark_prints_a_time_per_method():
     assert all(float(r[2]) > 0 for r in rows) and "x 6 steps" in done.stdout
 
 
+def test_peers_benchmark_prints_one_row_per_method():
+    sets = [a for s in TINY for a in ("--set", s)]
+    script = str(REPO / "benchmarks" / "peers.py")
+    done = subprocess.run(
+        [sys.executable, script, "--config", str(REPO / "configs" / "synthetic.yaml")]
+        + ["--methods", "proto", "hdmnet", "--episodes", "2", "--steps", "1", *sets],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith(("| proto", "| hdmnet"))
+    ]
+    assert [r[0].strip() for r in rows] == ["proto", "hdmnet"]
+    proto, hdmnet = ([c.strip() for c in r] for r in rows)
+    assert proto[1] == "0" and proto[2].startswith("-") and int(hdmnet[1].replace(",", "")) > 0
+    assert float(hdmnet[2].split()[0]) > 0 and "x 6 =" in hdmnet[2]  # TINY's train.steps
+    for row in (proto, hdmnet):
+        assert float(row[3]) > 0 and float(row[4]) > 0  # ms per episode at 1 and 5 shots
+        assert all(float(mb) > 0 for mb in row[5].split(" / "))
+
+
 def load_script(name: str):
     """A script under scripts/ imported as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
