@@ -1,8 +1,6 @@
 """BAM as a peer method (model.method = bam): the Gram difference, the base-class map, the ensemble, the
 base learner's training and its freezing, and training / evaluation through the project's commands."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -155,18 +153,14 @@ def test_bam_needs_the_feature_cache(tmp_path):
 
 
 def test_train_and_evaluate_from_the_command_line(tmp_path):
-    sets = [a for s in BAM_TINY for a in ("--set", s)]
-    assert main(["train", "--quiet", "--output", str(tmp_path), *sets]) == 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    from usage_helpers import train_and_evaluate
+
+    records, ckpt, results = train_and_evaluate(tmp_path, BAM_TINY)
     assert any("base_learner_seconds" in r for r in records)
     trained = [r for r in records if "loss/total" in r]
     assert trained and all(r["loss/ce_bam"] > 0 and r["loss/ce_intermediate"] > 0 for r in trained)
-    ckpt = tmp_path / "checkpoints" / "best.pt"
     model, _ = load_trained_model(load_config(None, BAM_TINY), str(ckpt), torch.device("cpu"))
     assert model.experts["bam"].base_ids.tolist() == list(range(6, 21))  # the fold's base classes
-    out = tmp_path / "eval"
-    assert main(["eval", "--quiet", "--output", str(out), "--checkpoint", str(ckpt), *sets]) == 0
-    results = json.loads((out / "results.json").read_text())
     assert results["method"] == "bam" and 0.0 <= results["summary"]["miou"]["mean"] <= 1.0
 
 

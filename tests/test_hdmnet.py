@@ -2,7 +2,6 @@
 correlation distillation against direct computations, shapes and gradients, and training, evaluation,
 reload and prediction through the project's own commands."""
 
-import json
 import math
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dedn.cli import main
 from dedn.config import HDMNetConfig, LossConfig, ModelConfig, flatten, load_config, to_dict
 from dedn.engine.checkpoint import check_compatible, load_trained_model
 from dedn.errors import ConfigError
@@ -228,17 +226,11 @@ def test_hdmnet_offline_config_is_the_table_config_with_the_method_changed():
 
 def test_train_evaluate_reload_predict_from_the_command_line(tmp_path):
     from dedn.predict import Predictor
-    from usage_helpers import scene
+    from usage_helpers import scene, train_and_evaluate
 
-    sets = [a for s in [*TINY, "model.method=hdmnet"] for a in ("--set", s)]
-    assert main(["train", "--quiet", "--output", str(tmp_path), *sets]) == 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records, ckpt, results = train_and_evaluate(tmp_path, [*TINY, "model.method=hdmnet"])
     trained = [r for r in records if "loss/total" in r]
     assert trained and all(r["loss/kl_correlation"] > 0 and r["loss/ce_hdmnet"] > 0 for r in trained)
-    ckpt = tmp_path / "checkpoints" / "best.pt"
-    out = tmp_path / "eval"
-    assert main(["eval", "--quiet", "--output", str(out), "--checkpoint", str(ckpt), *sets]) == 0
-    results = json.loads((out / "results.json").read_text())
     assert results["method"] == "hdmnet" and results["experts"] == {}
     assert len(results["per_seed"]) == 2 and 0.0 <= results["summary"]["miou"]["mean"] <= 1.0
     # the reloaded checkpoint gives the trained model's outputs, and the predictor takes it as it is

@@ -1,14 +1,12 @@
 """PFENet as a peer method (model.method = pfenet): the prior, the Feature Enrichment Module, the loss, and
 training, evaluation, reload, prediction and export through the project's own commands."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dedn.cli import main
 from dedn.config import LossConfig, ModelConfig, PFENetConfig, flatten, load_config, to_dict
 from dedn.engine.checkpoint import check_compatible, load_trained_model, save_checkpoint, trainable_state
 from dedn.errors import CheckpointError, ConfigError
@@ -211,17 +209,12 @@ def test_train_evaluate_predict_from_the_command_line(tmp_path):
     from dedn.engine.benchmark import build_benchmark
     from dedn.engine.evaluate import evaluate_episodes
     from dedn.predict import Predictor
-    from usage_helpers import scene
+    from usage_helpers import scene, train_and_evaluate
 
-    sets = [a for s in [*TINY, "model.method=pfenet"] for a in ("--set", s)]
-    assert main(["train", "--quiet", "--output", str(tmp_path), *sets]) == 0
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records, ckpt, results = train_and_evaluate(tmp_path, [*TINY, "model.method=pfenet"])
+    out = tmp_path / "eval"
     trained = [r for r in records if "loss/total" in r]
     assert trained and all(r["loss/ce_intermediate"] > 0 and r["loss/ce_pfenet"] > 0 for r in trained)
-    ckpt = tmp_path / "checkpoints" / "best.pt"
-    out = tmp_path / "eval"
-    assert main(["eval", "--quiet", "--output", str(out), "--checkpoint", str(ckpt), *sets]) == 0
-    results = json.loads((out / "results.json").read_text())
     assert results["method"] == "pfenet" and results["experts"] == {}  # one method, reported alone
     assert len(results["per_seed"]) == 2 and 0.0 <= results["summary"]["miou"]["mean"] <= 1.0
     assert (out / "results.md").read_text().startswith("# pfenet")

@@ -96,3 +96,20 @@ def assert_onnx_matches(model: FewShotSegmenter, path: Path, shots: int, size: i
         expected = EpisodeGraph(model)(query, supports, masks)
     got = run_onnx(report.path, query, supports, masks)
     assert float((got - expected).abs().max()) < 1e-4
+
+
+def train_and_evaluate(folder: Path, settings: list[str]) -> tuple[list[dict], Path, dict]:
+    """``dedn train`` into ``folder``, then ``dedn eval`` of its best checkpoint into ``folder / "eval"``,
+    both from the command line with ``settings`` (``--set`` values). Returns the training's metrics
+    records, the checkpoint and the evaluation's results.json."""
+    import json
+
+    from dedn.cli import main
+
+    sets = [a for s in settings for a in ("--set", s)]
+    assert main(["train", "--quiet", "--output", str(folder), *sets]) == 0
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    ckpt = folder / "checkpoints" / "best.pt"
+    out = folder / "eval"
+    assert main(["eval", "--quiet", "--output", str(out), "--checkpoint", str(ckpt), *sets]) == 0
+    return records, ckpt, json.loads((out / "results.json").read_text())
