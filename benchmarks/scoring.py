@@ -43,6 +43,7 @@ ARMS = {
     "scenario": ["model.method=scenario"],
     "dedn (mean)": ["model.fusion.mode=mean", "model.fusion.matcher=none"],
     "dedn": [],
+    "dedn (proto matcher)": ["model.fusion.matcher=proto", "model.fusion.confidence=true"],
     "dedn (self pass)": ["model.fusion.support_pass=self"],
     "dedn (grid)": ["model.fusion.resolution=grid"],
 }

@@ -27,10 +27,11 @@ def test_the_cross_domain_config_scores_the_offline_pascal_checkpoints():
 
     repo = Path(__file__).resolve().parents[1]
     pascal = load_config(repo / "configs" / "pascal_offline.yaml")
-    camvid = load_config(repo / "configs" / "camvid_cross.yaml")
-    check_compatible(pascal, camvid, "a model trained with configs/pascal_offline.yaml")
-    assert camvid.data.protocol == "cross" and camvid.data.image_size == pascal.data.image_size
-    assert camvid.model.fusion.matcher == pascal.model.fusion.matcher
+    for name in ("camvid_cross", "ccp_cross"):
+        cross = load_config(repo / "configs" / f"{name}.yaml")
+        check_compatible(pascal, cross, "a model trained with configs/pascal_offline.yaml")
+        assert cross.data.protocol == "cross" and cross.data.image_size == pascal.data.image_size
+        assert cross.model.fusion == pascal.model.fusion  # the same test-time fusion everywhere
 
 
 def test_every_row_of_the_table_runner_is_a_valid_config():

@@ -18,6 +18,7 @@ from dedn.data.labelmap import LabelMapSource
 from dedn.data.protocol import cross_domain_split
 from dedn.data.pseudo_classes import (
     assign_background,
+    fit_part_classes,
     fit_pseudo_classes,
     pseudo_class_pairs,
     spherical_kmeans,
@@ -70,6 +71,30 @@ def test_labelmap_reader_cityscapes_style_values(tmp_path):
     for image_id in a.ids:
         assert np.array_equal(a.load_label(image_id), b.load_label(image_id))
     assert a.fingerprint() != b.fingerprint()  # the reading enters the cache key
+
+
+def test_labelmap_background_value_is_background_in_every_episode(tmp_path):
+    """``background: [0]`` (Clothing Co-Parsing's photo background): 0 becomes label 0, neither a class
+    (no pairs, no episodes) nor void (it is scored as background); without it the same 0 is void."""
+    root = make_labelmap(tmp_path / "ccp")  # row 0 holds the value 0
+    source = LabelMapSource(root, void=[], background=[0])
+    label = source.load_label("f000")
+    assert (label[0] == 0).all() and set(np.unique(label).tolist()) == {0, 1, 2, 3}
+    assert source.fingerprint() != LabelMapSource(root).fingerprint()
+    cfg = DataConfig(benchmark="labelmap", root=str(root), protocol="cross", test_split="test", min_pixels=10)
+    cfg.labelmap.void, cfg.labelmap.background = [], [0]
+    bench = build_benchmark(cfg)
+    assert sorted({p.class_id for p in bench.split.test_pairs}) == [1, 2, 3]
+    from dedn.data.episodes import binarize
+
+    mask = binarize(label, 3, 255)
+    assert (mask[0] == 0).all() and 255 not in mask  # background, not ignored
+    with pytest.raises(DataError, match="also class values"):
+        LabelMapSource(root, void=[], background=[2])
+    with pytest.raises(DataError, match="both void and background"):
+        LabelMapSource(root, void=[0], background=[0])
+    with pytest.raises(DataError, match="negative"):
+        LabelMapSource(root, void=[], background=[-1])
 
 
 def test_labelmap_reader_errors_name_the_file(tmp_path):
@@ -208,6 +233,76 @@ def test_positional_clusters_at_the_border_are_not_pseudo_classes():
         assert not (lab == ring_id).any()
         assert torch.equal(lab[12:20, 12:20], labels[image_id][12:20, 12:20])
         assert lab[0, 0] == 0  # the corner is border: background
+
+
+def test_part_classes_split_each_class_and_leave_the_rest_alone():
+    """Each class's pixels are split by the features of its own cells (here: left and right halves of an
+    object whose two halves point in two directions); other pixels keep their label; part ids follow
+    ``first_id`` class by class; a part below ``min_pixels`` forms no pair."""
+    feats, labels = [], {}
+    for i in range(3):
+        high = torch.zeros(3, 8, 8)
+        high[2] = 1.0  # background direction
+        high[:, 2:6, 2:4] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # left half of the object
+        high[:, 2:6, 4:6] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # right half
+        label = torch.zeros(32, 32, dtype=torch.long)
+        label[8:24, 8:24] = 5
+        label[0:2, 30:32] = 7  # a small second class: no whole cell, so not split
+        feats.append((f"im{i}", high))
+        labels[f"im{i}"] = label
+    relabelled, pairs = fit_part_classes(feats, labels, [5, 7], parts=2, first_id=30, seed=0, min_pixels=20)
+    for image_id, lab in relabelled.items():
+        inside = lab[8:24, 8:24]
+        assert set(inside.unique().tolist()) == {30, 31}  # class 5 (first of [5, 7]) -> parts 30, 31
+        assert inside[:, :3].unique().numel() == 1 and inside[:, -3:].unique().numel() == 1
+        assert inside[0, 0] != inside[0, -1]  # the two halves are two parts
+        assert torch.equal(lab[0:2, 30:32], labels[image_id][0:2, 30:32])  # class 7 is not split
+        assert (lab[24:] == 0).all()  # background stays background
+    assert sorted(pairs) == [30, 31] and pairs[30] == ["im0", "im1", "im2"]
+    with pytest.raises(DataError, match="ignore label 255"):
+        fit_part_classes(feats, labels, [5, 7], parts=120, first_id=30, seed=0, min_pixels=20)
+
+
+def test_part_episodes_are_drawn_at_their_share_with_masks_of_one_part(tmp_path):
+    """part_fraction: that share of the training episodes asks for one part of a training class (ids after
+    the background pseudo-classes), its masks cut from the part label maps; the other episodes are those
+    of a run without parts."""
+    from dedn.engine.train import FeatureEpisodes, Trainer
+    from test_engine import tiny_config
+
+    with pytest.raises(ConfigError, match="expected below 1"):
+        load_config(None, ["train.pseudo_classes.fraction=0.5", "train.pseudo_classes.part_fraction=0.5",
+                           "train.feature_cache=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match="parts = 1"):
+        load_config(None, ["train.pseudo_classes.part_fraction=0.2", "train.pseudo_classes.parts=1",
+                           "train.feature_cache=true"])  # fmt: skip
+
+    def episodes(*extra):
+        cfg = tiny_config(tmp_path, "train.feature_cache=true", "train.pseudo_classes.fraction=0.2",
+                          "train.pseudo_classes.clusters=4", "data.min_pixels=64", *extra)  # fmt: skip
+        trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+        return trainer, FeatureEpisodes(
+            trainer.model, trainer.bench.train_source, trainer.by_class, 1, 64, 0.5, cfg.train.seed,
+            torch.device("cpu"), False, None, 0.0, cfg.train.pseudo_classes,
+            trainer.bench.train_source.num_classes, cfg.data.min_pixels,
+        )  # fmt: skip
+
+    trainer, plain = episodes()
+    _, fe = episodes("train.pseudo_classes.part_fraction=0.4", "train.pseudo_classes.parts=2")
+    n_classes = trainer.bench.train_source.num_classes
+    assert fe.first_part_id == n_classes + 1 + 4 and min(fe.part_by_class) >= fe.first_part_id
+    drawn = [fe.episode(i) for i in range(200)]
+    parts = [i for i, e in enumerate(drawn) if e.class_id >= fe.first_part_id]
+    assert 55 < len(parts) < 105
+    before = [plain.episode(i) for i in range(200)]
+    same = [i for i, e in enumerate(drawn) if e.class_id <= n_classes]
+    assert same and all(drawn[i] == before[i] for i in same)
+    ep = drawn[parts[0]]
+    batch = fe.batch([parts[0]], torch.device("cpu"))
+    part_px = (fe.part_labels[ep.query] == ep.class_id).sum()
+    assert (batch["query_mask"] == 1).sum() == part_px > 0
+    whole = sum(int((fe.labels[ep.query] == c).sum()) for c in trainer.by_class)
+    assert part_px < whole  # a part, not the objects
 
 
 def test_training_with_pseudo_classes_draws_them_at_the_given_share(tmp_path):

@@ -433,20 +433,29 @@ class _NeverStores(dict):
         return None
 
 
+def _counted_evaluation(tmp_path, monkeypatch, method: str, n: int, shots: int, **fusion):
+    """A trained toy model with the ``fusion`` settings, ``n`` test episodes of ``shots``, the arguments of
+    ``evaluate_episodes`` and a list that grows by one per call of the model's ``method``."""
+    cfg, model = _trained_model(tmp_path)
+    for key, value in fusion.items():
+        setattr(model.cfg.fusion, key, value)
+    bench = build_benchmark(cfg.data)
+    episodes = sample_test_episodes(bench.split.test_pairs, n, shots, seed=3)
+    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, torch.device("cpu"))
+    calls = []
+    original = getattr(model, method)
+    monkeypatch.setattr(model, method, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return model, episodes, args, calls
+
+
 def test_self_support_pass_scores_each_support_image_once(tmp_path, monkeypatch):
     """support_pass=self at K > 1: a (support image, class) that recurs across episodes, in any position,
     is scored once; the metric is bit-identical to scoring every episode's shots inside the model."""
     from dedn.engine import evaluate as evaluate_module
 
-    cfg, model = _trained_model(tmp_path)
-    model.cfg.fusion.matcher = "proto"
-    model.cfg.fusion.support_pass = "self"
-    bench = build_benchmark(cfg.data)
-    episodes = sample_test_episodes(bench.split.test_pairs, 12, 2, seed=3)
-    args = (model, bench.test_source, episodes, bench.split.novel, cfg.data.image_size, torch.device("cpu"))
-    calls = []
-    original = model.shot_scores
-    monkeypatch.setattr(model, "shot_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model, episodes, args, calls = _counted_evaluation(
+        tmp_path, monkeypatch, "shot_scores", 12, 2, matcher="proto", support_pass="self"
+    )
     reused = evaluate_episodes(*args, progress=False)
     distinct = len({(sid, e.class_id) for e in episodes for sid in e.supports})
     assert len(calls) == distinct < 2 * len(episodes)
@@ -455,3 +464,23 @@ def test_self_support_pass_scores_each_support_image_once(tmp_path, monkeypatch)
     inside = evaluate_episodes(*args, progress=False)
     for key in ("class_intersection", "class_union", "totals"):
         assert torch.equal(reused.state_dict()[key], inside.state_dict()[key])
+
+
+def test_evaluation_fits_the_probe_once_per_support_set(tmp_path, monkeypatch):
+    """matcher=probe: a support set that recurs across episodes is fitted once (with its support scores);
+    the metric is bit-identical to fitting it in every episode."""
+    from dedn.engine import evaluate as evaluate_module
+
+    model, episodes, args, calls = _counted_evaluation(
+        tmp_path, monkeypatch, "fit_probe", 16, 1, matcher="probe"
+    )
+    reused = evaluate_episodes(*args, progress=False)
+    distinct = len({(tuple(e.supports), e.class_id) for e in episodes})
+    # one fit for the query pass and one inside the support-score pass, per distinct support set
+    assert len(calls) == 2 * distinct < 2 * len(episodes)
+    calls.clear()
+    monkeypatch.setattr(evaluate_module.EpisodeRunner, "_max_scores", 0)  # nothing kept
+    fresh = evaluate_episodes(*args, progress=False)
+    assert len(calls) == 2 * len(episodes)
+    for key in ("class_intersection", "class_union", "totals"):
+        assert torch.equal(reused.state_dict()[key], fresh.state_dict()[key])

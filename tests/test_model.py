@@ -666,3 +666,81 @@ def test_grid_resolution_fuses_on_the_feature_grid_and_scores_the_support_there(
         other = output.forward_features(q, s, masks, (48, 48))
     assert not torch.allclose(other["probability"], out["probability"])
     torch.testing.assert_close(other["experts"]["object"], out["experts"]["object"])
+
+
+def _separable_support(seed=0):
+    """Support cells (1, 1, 4, 6, 6): foreground cells point near e0 + 0.6 e2, background near e1 + 0.6 e2
+    with one background cell close to the foreground (so proto's midpoint misplaces it)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 1, 4, 6, 6)
+    fg = torch.zeros(1, 1, 1, 6, 6)
+    fg[..., 1:4, 1:4] = 1.0
+    x[:, :, 0] = fg[:, :, 0] * 1.0
+    x[:, :, 1] = (1 - fg[:, :, 0]) * 1.0
+    x[:, :, 2] = 0.6
+    x[:, :, 3] = 0.05 * torch.randn(1, 1, 6, 6, generator=g)
+    x[0, 0, :, 5, 5] = torch.tensor([0.55, 0.45, 0.6, 0.0])  # a background cell that looks foreground-ish
+    return x, fg, 1 - fg
+
+
+def test_support_probe_fits_the_support_mask_and_stays_near_proto_when_regularised():
+    """fit_support_probe: the class-balanced fit separates the support's own cells (proto's direction does
+    not, for the hard background cell), is deterministic and runs under no_grad; with a huge l2 the
+    direction stays at its initial value (only the bias moves)."""
+    from dedn.models.ops import fit_support_probe
+
+    x, fg, bg = _separable_support()
+    unit = torch.nn.functional.normalize(x, dim=2)
+    pf = (unit * fg).sum(dim=(3, 4)) / fg.sum()
+    pb = (unit * bg).sum(dim=(3, 4)) / bg.sum()
+    init = (torch.nn.functional.normalize(pf, dim=2) - torch.nn.functional.normalize(pb, dim=2))[:, 0] * 10
+    with torch.no_grad():
+        w, b = fit_support_probe(x, fg, bg, init, steps=50, l2=1e-4)
+    z = torch.einsum("bkchw,bc->bkhw", unit, w) + b
+    assert (z[fg[:, :, 0] > 0.5] > 0).all() and (z[bg[:, :, 0] > 0.5] < 0).all()
+    assert not w.requires_grad and not b.requires_grad
+    w2, b2 = fit_support_probe(x, fg, bg, init, steps=50, l2=1e-4)
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+    stiff, _ = fit_support_probe(x, fg, bg, init, steps=50, l2=1e6)
+    assert torch.allclose(stiff, init, atol=1e-3)
+
+
+def test_probe_matcher_is_proto_adapted_and_fitted_once_per_support_set(monkeypatch):
+    """model.fusion.matcher=probe: the third AWF member's logits are linear in the unit query features with
+    the fitted (w, b); out['probe'] handed back gives the same output without fitting again."""
+    cfg = with_changes(ModelConfig(channels=16), fusion__matcher="probe", fusion__confidence=False)
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    assert model.fusion_members == ["object", "scenario", "probe"]
+    query, supports, masks, _ = episode(k=1)
+    with torch.no_grad():
+        out = model(query, supports, masks)
+        w, b = out["probe"]
+        q = torch.nn.functional.normalize(model.encode(query)["high"], dim=1)
+        z = torch.einsum("bchw,bc->bhw", q, w) + b[:, None, None]
+        grid = out["matcher"]["probe"]
+        direct = torch.nn.functional.interpolate(
+            torch.stack([torch.zeros_like(z), z], 1), grid.shape[-2:], mode="bilinear", align_corners=False
+        )
+        assert torch.allclose(grid, direct, atol=1e-5)
+        calls = []
+        fit = model.fit_probe
+        monkeypatch.setattr(model, "fit_probe", lambda *a: calls.append(1) or fit(*a))
+        qf = model.encode(query)
+        sf = {n: t.view(2, 1, *t.shape[1:]) for n, t in model.encode(supports.flatten(0, 1)).items()}
+        again = model.forward_features(qf, sf, masks, (48, 48), out["support_scores"], probe=out["probe"])
+    assert not calls
+    assert torch.allclose(again["probability"], out["probability"], atol=1e-6)
+
+
+def test_probe_settings_are_checked_and_test_time():
+    from dedn.config import Config, load_config
+    from dedn.engine.checkpoint import check_compatible
+    from dedn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.fusion.probe"):
+        load_config(None, ["model.fusion.probe.steps=0"])
+    with pytest.raises(ConfigError, match="model.fusion.probe"):
+        load_config(None, ["model.fusion.probe.l2=-1"])
+    saved, current = Config(), Config()
+    current.model.fusion.matcher, current.model.fusion.probe.l2 = "probe", 0.5
+    check_compatible(saved, current, "model.pt")

@@ -458,3 +458,38 @@ def test_a_checkpoint_with_the_matcher_reports_three_fusion_weights(tmp_path, ep
     assert sum(result.fusion_weights.values()) == pytest.approx(1.0)
     assert set(result.experts) == {"object", "scenario"}
     assert result.mask.shape == query.shape[:2]
+
+
+def test_the_probe_matcher_is_fitted_once_per_support_set(tmp_path, episode, monkeypatch):
+    """model.fusion.matcher=probe: with an encoded SupportSet, the support-side work (the probe's fit and
+    AWF's support scores) is done for the first query only; every query gets the mask it gets alone."""
+    cfg = toy_config()
+    cfg.model.fusion.matcher, cfg.model.fusion.confidence = "probe", False
+    predictor = Predictor.from_checkpoint(make_checkpoint(tmp_path / "m.pt", cfg), device="cpu")
+    support, mask, query = episode
+    other, _ = scene(40, 56, (2, 2, 20, 30), seed=5)
+    alone = [predictor.predict(q, support, mask) for q in (query, other)]
+    calls = []
+    for name in ("fit_probe", "support_scores"):
+        original = getattr(predictor.model, name)
+        monkeypatch.setattr(
+            predictor.model, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
+    encoded = predictor.encode_supports(support, mask)
+    shared = [predictor.predict(query, encoded)]
+    # the first query: one fit for its pass, one inside the support-score pass
+    assert sorted(calls) == ["fit_probe", "fit_probe", "support_scores"]
+    shared += [predictor.predict(q, encoded) for q in (other, query)]
+    assert len(calls) == 3  # nothing more for the next queries
+    for got, want in zip(shared, alone + alone[:1], strict=True):
+        assert np.array_equal(got.mask, want.mask)
+        assert np.allclose(got.probability, want.probability, atol=1e-6)
+
+
+def test_test_time_settings_replace_the_checkpoints_and_nothing_else(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    predictor = Predictor.from_checkpoint(ckpt, test_time={"model.fusion.matcher": "probe"})
+    assert predictor.fusion_members == ["object", "scenario", "probe"]
+    assert predictor.config.model.fusion.matcher == "probe"
+    with pytest.raises(CheckpointError, match="model.channels is not a test-time setting"):
+        Predictor.from_checkpoint(ckpt, test_time={"model.channels": 8})

@@ -166,37 +166,27 @@ def test_validation_sweep_scores_a_trained_model_under_test_time_settings(tmp_pa
     assert trials[0]["val_miou_object"] == trials[1]["val_miou_object"]
 
 
-def test_train_step_benchmark_prints_a_time_per_method():
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/<name>.py on the synthetic config with the tiny settings, from the repository root."""
     sets = [a for s in TINY for a in ("--set", s)]
+    script = str(REPO / "benchmarks" / f"{name}.py")
+    config = str(REPO / "configs" / "synthetic.yaml")
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "train_step.py"),
-            "--config",
-            str(REPO / "configs" / "synthetic.yaml"),
-        ]
-        + ["--methods", "dedn", "scenario", "--steps", "1", *sets],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+        [sys.executable, script, "--config", config, *args, *sets], capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_train_step_benchmark_prints_a_time_per_method():
+    done = run_benchmark("train_step", "--methods", "dedn", "scenario", "--steps", "1")
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| dedn", "| scenario"))]
     assert [r[1].strip() for r in rows] == ["dedn", "scenario"]
     assert all(float(r[2]) > 0 for r in rows) and "x 6 steps" in done.stdout
 
 
 def test_peers_benchmark_prints_one_row_per_method():
-    sets = [a for s in TINY for a in ("--set", s)]
-    script = str(REPO / "benchmarks" / "peers.py")
-    done = subprocess.run(
-        [sys.executable, script, "--config", str(REPO / "configs" / "synthetic.yaml")]
-        + ["--methods", "proto", "hdmnet", "--episodes", "2", "--steps", "1", *sets],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_benchmark("peers", "--methods", "proto", "hdmnet", "--episodes", "2", "--steps", "1")
     rows = [
         line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith(("| proto", "| hdmnet"))
     ]
@@ -207,6 +197,13 @@ def test_peers_benchmark_prints_one_row_per_method():
     for row in (proto, hdmnet):
         assert float(row[3]) > 0 and float(row[4]) > 0  # ms per episode at 1 and 5 shots
         assert all(float(mb) > 0 for mb in row[5].split(" / "))
+
+
+def test_probe_benchmark_prints_the_fit_and_the_query_cost():
+    done = run_benchmark("probe", "--split", "none", "--sets", "3")
+    lines = [line for line in done.stdout.splitlines() if "median" in line]
+    assert len(lines) == 6 and [line.split()[0] for line in lines] == ["probe", "probe", "proto"] * 2
+    assert all(float(line.split("median")[1].split()[0]) > 0 for line in lines)
 
 
 def load_script(name: str):

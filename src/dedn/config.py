@@ -36,6 +36,9 @@ class LabelMapConfig:
     void: list[int] = field(default_factory=lambda: [0])
     #: the label value of the first class of classes.txt (CamVid, ADE20K: 1; Cityscapes trainIds: 0)
     first_class_value: int = 1
+    #: raw label values that are background in every episode, neither a class nor void (Clothing
+    #: Co-Parsing's 0, the photo's background; the 0 of binary medical or aerial masks)
+    background: list[int] = field(default_factory=list)
     image_dir: str = "images"
     label_dir: str = "labels"
     classes_file: str = "classes.txt"
@@ -62,6 +65,9 @@ class DataConfig:
     #: keep | drop: training images that contain a novel class (standard protocol)
     novel_in_train: str = "keep"
     min_pixels: int = 2048
+    #: data.protocol = cross: classes with fewer images than this (each with min_pixels of the class) are
+    #: left out, neither scored nor drawn (0: every class; one with too few images is then an error)
+    min_class_images: int = 0
     #: fraction of the training images held out for validation episodes (disjoint protocol)
     val_fraction: float = 0.1
     #: pseudo-novel validation: these base classes (ids, e.g. [6, 7, 8, 9, 10]) are held out of training
@@ -135,6 +141,16 @@ class ScenarioExpertConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The `probe` matcher: proto's fg/bg decision refitted to the support mask (dedn.models.ops)."""
+
+    #: L-BFGS iterations of the fit
+    steps: int = 20
+    #: weight of |w - w_proto|^2, which keeps the fitted direction near the prototypes'
+    l2: float = 0.01
+
+
+@dataclass
 class FusionConfig:
     #: awf (Adaptive Weighted Fusion: episode weights from each expert's score on the support) | cycle
     #: (AWF whose scores come from the query prediction used as a support to find the support's object
@@ -167,6 +183,8 @@ class FusionConfig:
     #: grid; only the fused probability is upsampled). grid scored 0.01-0.36 lower on every fold of
     #: PASCAL-5i and CamVid for a 4-15 % faster episode (docs/results.md)
     resolution: str = "output"
+    #: matcher = probe: the linear classifier fitted to the support at test time
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -358,6 +376,12 @@ class PseudoClassConfig:
     fraction: float = 0.0
     #: number of clusters (pseudo-classes), fitted by spherical k-means with train.seed
     clusters: int = 24
+    #: share of training episodes whose class is a *part* of a training class: each class's cells are
+    #: split into `parts` clusters of their frozen features (a person's face, hair, clothes), so that the
+    #: heads learn to stop where the support's mask stops (0: none, the episodes of before)
+    part_fraction: float = 0.0
+    #: clusters per training class for the part episodes
+    parts: int = 3
 
 
 @dataclass
@@ -436,7 +460,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.scenario.shot_pooling": ("joint", "mean"),
     "model.fusion.mode": ("awf", "cycle", "gate", "mean"),
     "model.fusion.train_mode": ("awf", "mean"),
-    "model.fusion.matcher": ("none", "proto"),
+    "model.fusion.matcher": ("none", "proto", "probe"),
     "model.fusion.support_pass": ("leave_one_out", "self"),
     "model.fusion.resolution": ("output", "grid"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
@@ -496,6 +520,7 @@ UNIT_INTERVAL: tuple[str, ...] = (
     "train.momentum",
     "train.negative_episodes",
     "train.pseudo_classes.fraction",
+    "train.pseudo_classes.part_fraction",
     "train.augment.flip",
 )
 
@@ -643,10 +668,22 @@ def validate(cfg: Config) -> Config:
     _validate_hsnet(m.hsnet)
     if m.method == "hdmnet":
         _validate_hdmnet(m.hdmnet, m.channels)
+    if m.fusion.probe.steps < 1 or not m.fusion.probe.l2 >= 0:
+        raise ConfigError(
+            f"model.fusion.probe: steps = {m.fusion.probe.steps}, l2 = {m.fusion.probe.l2}; expected "
+            "steps >= 1 and l2 >= 0"
+        )
     pc = cfg.train.pseudo_classes
     if pc.fraction > 0 and pc.clusters < 2:
         raise ConfigError(f"train.pseudo_classes.clusters = {pc.clusters}; expected at least 2")
-    if pc.fraction > 0 and not cfg.train.feature_cache:
+    if pc.part_fraction > 0 and pc.parts < 2:
+        raise ConfigError(f"train.pseudo_classes.parts = {pc.parts}; expected at least 2")
+    if pc.fraction + pc.part_fraction >= 1:
+        raise ConfigError(
+            f"train.pseudo_classes.fraction + part_fraction = {pc.fraction + pc.part_fraction}; expected "
+            "below 1 (the rest are the episodes of the training classes)"
+        )
+    if (pc.fraction > 0 or pc.part_fraction > 0) and not cfg.train.feature_cache:
         raise ConfigError(
             "train.pseudo_classes needs train.feature_cache = true (they are fitted on the stored features)"
         )

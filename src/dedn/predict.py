@@ -388,6 +388,9 @@ class SupportSet:
     #: object pixels of each mask at its original size
     foreground_pixels: list[int]
     image_size: int
+    #: what the model computes from the supports alone (AWF's support scores, the probe's fit), kept after
+    #: the first query so that the next ones do not pay for it again
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def shots(self) -> int:
@@ -449,9 +452,14 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, device: str | torch.device | None = None, image_size: int | None = None
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        image_size: int | None = None,
+        test_time: dict[str, Any] | None = None,
     ) -> Predictor:
-        """Build the model described by the checkpoint's own config and load its weights.
+        """Build the model described by the checkpoint's own config and load its weights. ``test_time``:
+        test-time settings that replace the checkpoint's (``{"model.fusion.matcher": "probe"}``).
 
         Raises :class:`CheckpointError` for a missing, unreadable or mismatched file.
         """
@@ -459,7 +467,7 @@ class Predictor:
         from dedn.models.network import FewShotSegmenter
 
         state = load_checkpoint(path)
-        cfg = checkpoint_config(state, path)
+        cfg = checkpoint_config(state, path, test_time)
         try:
             model = FewShotSegmenter(cfg.model)
         except (ValueError, FileNotFoundError) as e:
@@ -479,10 +487,15 @@ class Predictor:
         cls, name: str | None = None, device: str | torch.device | None = None, image_size: int | None = None
     ) -> Predictor:
         """The model shipped inside the package (``dedn.pretrained``; default: the manifest's default),
-        its file checked against the manifest's sha256."""
-        from dedn.pretrained import pretrained_path
+        its file checked against the manifest's sha256, run with the test-time settings its manifest entry
+        gives (``test_time``: the fusion chosen after it was trained)."""
+        from dedn.pretrained import pretrained_models, pretrained_path
 
-        predictor = cls.from_checkpoint(pretrained_path(name), device=device, image_size=image_size)
+        path = pretrained_path(name)
+        entry = pretrained_models()["models"][name or _default_pretrained_name()]
+        predictor = cls.from_checkpoint(
+            path, device=device, image_size=image_size, test_time=entry.get("test_time")
+        )
         predictor.pretrained = name or _default_pretrained_name()
         return predictor
 
@@ -574,7 +587,17 @@ class Predictor:
         hw = q.pixels.shape[:2]
         qf = {k: v.unsqueeze(0) for k, v in self._encode(q.pixels).items()}
         size = (self.image_size, self.image_size)
-        out = self.model.forward_features(qf, support_set.features, support_set.masks, size)
+        # per model: a support set may be shared by predictors of different models
+        cache = support_set.cache.setdefault(id(self.model), {})
+        out = self.model.forward_features(
+            qf,
+            support_set.features,
+            support_set.masks,
+            size,
+            support_scores=cache.get("support_scores"),
+            probe=cache.get("probe"),
+        )
+        cache.update({key: out[key] for key in ("support_scores", "probe") if key in out})
         scaled = self.transform.scaled_hw(hw)
         # The logits are restored exactly as in evaluation, so the mask equals what `dedn eval` scores.
         probability = restore_logits(out["logits"].float(), scaled, hw).softmax(dim=1)[0, 1]

@@ -11,8 +11,10 @@ Layout::
 Label values: the class on line ``i`` (1-based) of ``classes.txt`` has value ``first_class_value + i - 1``
 (``first_class_value`` 1 for CamVid and ADE20K, whose 0 is "void / other"; 0 for Cityscapes trainIds).
 The values in ``void`` (e.g. ``[0]`` for CamVid, ``[255]`` for Cityscapes) become the ignore label 255;
-any other value is an error naming the file. Classes become the global ids ``1..N`` in file order, so a
-label map has no background of its own: in an episode of class ``c`` every other class is background.
+any other value is an error naming the file. Classes become the global ids ``1..N`` in file order: in an
+episode of class ``c`` every other class is background. The values in ``background`` (e.g. ``[0]`` for
+the Clothing Co-Parsing set, whose 0 is the photo's background, or for binary medical and aerial masks)
+become the global label 0: background in every episode, neither a class nor void.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class LabelMapSource(SegmentationSource):
         image_dir: str = "images",
         label_dir: str = "labels",
         classes_file: str = "classes.txt",
+        background: Sequence[int] = (),
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -86,17 +89,25 @@ class LabelMapSource(SegmentationSource):
             )
         super().__init__(names)
         self.void = sorted({int(v) for v in void})
+        self.background = sorted({int(v) for v in background})
         self.first_class_value = int(first_class_value)
         if self.first_class_value < 0:
             raise DataError(f"first_class_value = {first_class_value}; expected a label value >= 0")
+        negative = [v for v in [*self.void, *self.background] if v < 0]
+        if negative:
+            raise DataError(f"void/background label value(s) {negative} are negative; label values are >= 0")
         class_values = range(self.first_class_value, self.first_class_value + len(names))
-        clash = sorted(set(self.void) & set(class_values))
-        if clash:
-            raise DataError(
-                f"void label value(s) {clash} are also class values ({self.first_class_value}.."
-                f"{class_values[-1]} for the {len(names)} classes of {self.classes_path})"
-            )
-        self._lut = self._lookup_table(max([*self.void, class_values[-1]]) + 1)
+        for what, values in (("void", self.void), ("background", self.background)):
+            clash = sorted(set(values) & set(class_values))
+            if clash:
+                raise DataError(
+                    f"{what} label value(s) {clash} are also class values ({self.first_class_value}.."
+                    f"{class_values[-1]} for the {len(names)} classes of {self.classes_path})"
+                )
+        both = sorted(set(self.void) & set(self.background))
+        if both:
+            raise DataError(f"label value(s) {both} are listed as both void and background; choose one")
+        self._lut = self._lookup_table(max([*self.void, *self.background, class_values[-1]]) + 1)
         self.list_file: Path | None = None
         labels = {p.stem for p in self.label_dir.glob("*.png")}
         if split is None:
@@ -127,9 +138,10 @@ class LabelMapSource(SegmentationSource):
         self._fingerprint: str | None = None
 
     def _lookup_table(self, size: int) -> np.ndarray:
-        """Raw value -> global label (1..N, 255 for void, _INVALID otherwise)."""
+        """Raw value -> global label (1..N, 255 for void, 0 for background, _INVALID otherwise)."""
         lut = np.full(max(size, 256), _INVALID, dtype=np.int32)
         lut[self.void] = IGNORE_INDEX
+        lut[self.background] = 0
         lut[self.first_class_value : self.first_class_value + self.num_classes] = np.arange(
             1, self.num_classes + 1
         )
@@ -170,7 +182,7 @@ class LabelMapSource(SegmentationSource):
         last = self.first_class_value + self.num_classes - 1
         return (
             f"expected {self.first_class_value}..{last} (the {self.num_classes} classes of "
-            f"{self.classes_path.name}) or void {self.void}"
+            f"{self.classes_path.name}), void {self.void} or background {self.background}"
         )
 
     def fingerprint(self) -> str:
@@ -179,6 +191,8 @@ class LabelMapSource(SegmentationSource):
         images = [self.image_path(i) for i in self._ids]
         labels = [self.label_path(i) for i in self._ids]
         extra = f"labelmap|{'|'.join(self.class_names)}|void={self.void}|first={self.first_class_value}"
+        if self.background:  # fingerprints of sets without a background value are those of before
+            extra += f"|background={self.background}"
         try:
             self._fingerprint = files_fingerprint(images, extra=extra, hashed=labels)
         except FileNotFoundError as e:

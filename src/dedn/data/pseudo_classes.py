@@ -33,10 +33,10 @@ from torch import Tensor
 from dedn.errors import DataError
 
 
-def background_cells(high: Tensor, label: Tensor, min_fraction: float = 0.75) -> Tensor:
+def background_cells(high: Tensor, label: Tensor, min_fraction: float = 0.75, value: int = 0) -> Tensor:
     """The L2-normalised feature vectors (n, C) of the grid cells of ``high`` (C, h, w) whose area in
-    ``label`` (S, S) is at least ``min_fraction`` background (value 0)."""
-    bg = (label == 0).float()[None, None]
+    ``label`` (S, S) is at least ``min_fraction`` of ``value`` (0: background)."""
+    bg = (label == value).float()[None, None]
     frac = F.adaptive_avg_pool2d(bg, high.shape[-2:])[0, 0]
     cells = F.normalize(high.flatten(1).T, dim=1)  # (h*w, C)
     return cells[frac.flatten() >= min_fraction]
@@ -70,15 +70,16 @@ def spherical_kmeans(x: Tensor, k: int, seed: int, iters: int = 20) -> Tensor:
     return c
 
 
-def assign_background(high: Tensor, label: Tensor, centres: Tensor, first_id: int) -> Tensor:
-    """``label`` (S, S) with each background pixel replaced by ``first_id + j``, j its nearest centre.
+def assign_background(high: Tensor, label: Tensor, centres: Tensor, first_id: int, value: int = 0) -> Tensor:
+    """``label`` (S, S) with each pixel of ``value`` (0: background) replaced by ``first_id + j``, j its
+    nearest centre.
 
     The cosine similarity to each centre is computed on the feature grid and upsampled bilinearly to the
     label's size (as the model's logits are), so the regions follow the features' smooth boundaries."""
     sim = torch.einsum("kc,chw->khw", centres, F.normalize(high, dim=0))
     sim = F.interpolate(sim[None], label.shape[-2:], mode="bilinear", align_corners=False)[0]
     nearest = sim.argmax(dim=0) + first_id
-    return torch.where(label == 0, nearest.to(label.dtype), label)
+    return torch.where(label == value, nearest.to(label.dtype), label)
 
 
 def border_band(label: Tensor, width: int) -> Tensor:
@@ -148,3 +149,45 @@ def fit_pseudo_classes(
     kept = [c for c in range(first_id, first_id + k) if c not in positional]
     pairs = pseudo_class_pairs({i: relabelled[i] for i in feats}, kept, min_pixels)
     return relabelled, pairs, centres
+
+
+def fit_part_classes(
+    features: Iterable[tuple[str, Tensor]],
+    labels: dict[str, Tensor],
+    classes: Iterable[int],
+    parts: int,
+    first_id: int,
+    seed: int,
+    min_pixels: int,
+) -> tuple[dict[str, Tensor], dict[int, list[str]]]:
+    """Part pseudo-classes: each class of ``classes`` split into ``parts`` regions by spherical k-means of
+    the frozen features of its own cells (over every training image), so that a training episode can ask
+    for a *part* of an object (a person's face, hair or clothes, a bicycle's wheels) and the heads learn to
+    stop where the support's mask stops instead of growing it to the whole object.
+
+    Returns part label maps, in which every pixel of class ``c`` (the i-th of ``classes``) becomes
+    ``first_id + i * parts + j`` (j its nearest centre of that class) and every other pixel keeps its label,
+    and the part pairs (part id -> images where it covers at least ``min_pixels``). A class with fewer
+    cells than ``parts`` is not split (its pixels keep their label and it forms no part episode)."""
+    order = sorted(set(classes))
+    if first_id + len(order) * parts - 1 >= 255:
+        raise DataError(
+            f"{parts} parts for each of {len(order)} classes after label {first_id - 1} would reach the "
+            "ignore label 255; lower the number of parts"
+        )
+    feats = dict(features)
+    relabelled = dict(labels)
+    split: list[int] = []
+    for i, c in enumerate(order):
+        cells = [background_cells(h, labels[n], value=c) for n, h in feats.items() if (labels[n] == c).any()]
+        cells = torch.cat(cells) if cells else torch.zeros(0, 1)
+        if cells.shape[0] < max(parts, 2):
+            continue
+        centres = spherical_kmeans(cells, parts, seed + c)
+        ids = first_id + i * parts
+        for n, high in feats.items():
+            if (relabelled[n] == c).any():
+                relabelled[n] = assign_background(high, relabelled[n], centres, ids, value=c)
+        split.extend(range(ids, ids + parts))
+    pairs = pseudo_class_pairs({n: relabelled[n] for n in feats}, split, min_pixels) if split else {}
+    return relabelled, pairs

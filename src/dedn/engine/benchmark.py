@@ -88,6 +88,7 @@ def build_source(cfg: DataConfig, split: str | None) -> SegmentationSource:
             image_dir=lm.image_dir,
             label_dir=lm.label_dir,
             classes_file=lm.classes_file,
+            background=lm.background,
         )
     from dedn.data.folders import ClassFolderSource
 
@@ -126,7 +127,7 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             raise ConfigError("data.protocol = cross has no training classes to hold out (data.val_classes)")
         test_counts = class_pixel_counts(test_source, progress=progress)
         classes = list(range(1, test_source.num_classes + 1))
-        split = cross_domain_split(test_counts, classes, min_pixels)
+        split = cross_domain_split(test_counts, classes, min_pixels, cfg.min_class_images)
         bench = Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
         return _with_pair_list(bench, cfg, test_counts)
     if cfg.benchmark == "folders":

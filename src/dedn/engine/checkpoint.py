@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dedn.config import Config, config_from_dict, flatten, to_dict
+from dedn.config import Config, apply_override, config_from_dict, flatten, to_dict
 from dedn.errors import CheckpointError, ConfigError
 from dedn.utils.io import atomic_write, hash_file
 
@@ -31,7 +32,7 @@ _MODEL_KEYS_IGNORED = (
     "model.fusion.resolution",
     "model.hsnet.shot_mode",
 )
-_MODEL_PREFIXES_IGNORED = ("model.baseline.",)
+_MODEL_PREFIXES_IGNORED = ("model.baseline.", "model.fusion.probe.")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,11 +74,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 _LEGACY_MODEL_DEFAULTS = {"head_inputs": "features"}
 
 
-def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
-    saved = state["config"]
+def is_test_time_setting(key: str) -> bool:
+    """Whether the model setting ``key`` (``model.fusion.matcher``) may differ from a checkpoint's: it
+    changes neither the parameters nor what they mean (the test-time fusion, the baselines)."""
+    return key in _MODEL_KEYS_IGNORED or key.startswith(_MODEL_PREFIXES_IGNORED)
+
+
+def checkpoint_config(
+    state: dict[str, Any], path: str | Path, test_time: dict[str, Any] | None = None
+) -> Config:
+    """The run config saved in a checkpoint; ``test_time``: test-time model settings that replace the
+    saved ones (``{"model.fusion.matcher": "probe"}``; any other setting is refused)."""
+    saved = copy.deepcopy(state["config"])
     model = saved.get("model")
     if isinstance(model, dict):
         saved = {**saved, "model": {**_LEGACY_MODEL_DEFAULTS, **model}}
+    for key, value in (test_time or {}).items():
+        if not is_test_time_setting(key):
+            raise CheckpointError(
+                f"{path}: {key} is not a test-time setting; only the fusion and baseline settings can "
+                "differ from the checkpoint's"
+            )
+        apply_override(saved, f"{key}={json.dumps(value)}")
     try:
         return config_from_dict(saved)
     except ConfigError as e:

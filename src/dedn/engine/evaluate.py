@@ -44,6 +44,9 @@ class EpisodeResult:
 class EpisodeRunner:
     """Loads, transforms and encodes the images of an episode, and runs the model on it."""
 
+    #: how many support sets' scores (and probe fits) are kept
+    _max_scores = 65536
+
     def __init__(
         self,
         model,
@@ -66,7 +69,7 @@ class EpisodeRunner:
         # AWF's support scores depend on the support set alone, which recurs (1,000 one-shot PASCAL
         # episodes hold 338-549 distinct ones): each is computed once, and reused bit-identical
         self._scores: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._max_scores = 65536
+        self._probes: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _remember(self, key: tuple, scores: torch.Tensor) -> None:
         self._scores[key] = scores
@@ -138,11 +141,17 @@ class EpisodeRunner:
         else:
             cached = self._scores.get(key)
         extra = {"class_ids": torch.tensor([episode.class_id], device=self.device)} if class_ids else {}
+        # the probe matcher is fitted once per support set, as the support scores are computed once
+        probe = self._probes.get(key)
         out = self.model.forward_features(
-            qf, sf, masks, (self.size, self.size), support_scores=cached, **extra
+            qf, sf, masks, (self.size, self.size), support_scores=cached, probe=probe, **extra
         )
         if cached is None and "support_scores" in out and awf:
             self._remember(key, out["support_scores"])
+        if probe is None and "probe" in out:
+            self._probes[key] = out["probe"]
+            if len(self._probes) > self._max_scores:
+                self._probes.popitem(last=False)
         prediction = self.prediction(out["logits"], label.shape[:2])
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
             self.device

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dedn.config import Config, PseudoClassConfig, dump_config, to_dict
 from dedn.data.episodes import TrainEpisodeDataset, binarize, sample_test_episodes, train_episode
 from dedn.data.index import ignore_value
-from dedn.data.pseudo_classes import fit_pseudo_classes
+from dedn.data.pseudo_classes import fit_part_classes, fit_pseudo_classes
 from dedn.data.transforms import TestTransform, TrainTransform
 from dedn.engine.benchmark import Benchmark, build_benchmark, pairs_by_class
 from dedn.engine.checkpoint import (
@@ -37,7 +37,7 @@ from dedn.engine.checkpoint import (
 from dedn.engine.distributed import DistInfo, barrier
 from dedn.engine.evaluate import evaluate_episodes
 from dedn.engine.features import FeatureCache, FeatureStore, open_feature_store
-from dedn.errors import ConfigError
+from dedn.errors import ConfigError, DataError
 from dedn.losses import dedn_loss
 from dedn.models.network import FewShotSegmenter
 from dedn.utils.io import atomic_write_json, atomic_write_text, make_dir
@@ -108,7 +108,23 @@ class FeatureEpisodes:
                 self.features[image_id] = {k: v[0] for k, v in feats.items()}
             self.labels[image_id] = lab  # (S, S) int64, padding 255
         self.pseudo_fraction = pseudo.fraction if pseudo is not None else 0.0
+        self.part_fraction = pseudo.part_fraction if pseudo is not None else 0.0
         self.pseudo_by_class: dict[int, list[str]] = {}
+        self.part_by_class: dict[int, list[str]] = {}
+        # part episodes read their own label maps (a class's pixels split into its parts)
+        self.part_labels: dict[str, torch.Tensor] = {}
+        self.first_part_id = 256
+        if self.part_fraction > 0:
+            self.first_part_id = num_classes + 1 + (pseudo.clusters if self.pseudo_fraction > 0 else 0)
+            high = ((i, self._stored(i)["high"]) for i in ids)
+            self.part_labels, self.part_by_class = fit_part_classes(
+                high, self.labels, by_class, pseudo.parts, self.first_part_id, seed, min_pixels
+            )
+            if not self.part_by_class:
+                raise DataError(
+                    "train.pseudo_classes.part_fraction > 0, but no part of a training class covers "
+                    f"{min_pixels} pixels of an image; lower data.min_pixels or train.pseudo_classes.parts"
+                )
         if self.pseudo_fraction > 0:
             high = ((i, self._stored(i)["high"]) for i in ids)
             self.labels, self.pseudo_by_class, _ = fit_pseudo_classes(
@@ -120,18 +136,21 @@ class FeatureEpisodes:
         return feats if feats is not None else self.store.features(image_id)
 
     def episode(self, index: int):
-        """Training episode ``index``: of a pseudo-class with probability ``pseudo_classes.fraction`` (an
-        independent draw, so the episodes of the benchmark's classes are those of a run without them)."""
-        draw = np.random.default_rng([self.seed, index, 11]).random() if self.pseudo_fraction > 0 else 1.0
+        """Training episode ``index``: of a background pseudo-class with probability
+        ``pseudo_classes.fraction``, of a part of a training class with probability ``part_fraction``, else
+        of a training class (one independent draw, so without parts the episodes are those of before)."""
+        mixed = self.pseudo_fraction > 0 or self.part_fraction > 0
+        draw = np.random.default_rng([self.seed, index, 11]).random() if mixed else 1.0
         if draw < self.pseudo_fraction:
             return train_episode(self.pseudo_by_class, self.shots, self.seed, index)
+        if draw < self.pseudo_fraction + self.part_fraction:
+            return train_episode(self.part_by_class, self.shots, self.seed, index)
         return train_episode(self.by_class, self.shots, self.seed, index, self.negative)
 
     def _item(self, image_id: str, class_id: int, flip: bool):
         feats = self._stored(image_id)
-        mask = torch.from_numpy(
-            binarize(self.labels[image_id].numpy(), class_id, self.ignore).astype(np.int64)
-        )
+        labels = self.part_labels if class_id >= self.first_part_id else self.labels
+        mask = torch.from_numpy(binarize(labels[image_id].numpy(), class_id, self.ignore).astype(np.int64))
         if flip:
             feats = {k: v.flip(-1) for k, v in feats.items()}
             mask = mask.flip(-1)

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from dedn.config import ModelConfig
 from dedn.models.experts import ObjectExpert, ScenarioExpert
 from dedn.models.fusion import FusionGate, fuse_probabilities, fusion_weights
-from dedn.models.ops import cosine_prior, mask_fractions, masked_average_pool, soft_iou, soft_iou_fractions
+from dedn.models.ops import (
+    cosine_prior,
+    fit_support_probe,
+    mask_fractions,
+    masked_average_pool,
+    soft_iou,
+    soft_iou_fractions,
+)
 from dedn.models.pfenet import PFENetHead
 
 TRAINING_FREE = ("proto", "prior")
@@ -223,12 +230,14 @@ class FewShotSegmenter(nn.Module):
         out_size: tuple[int, int],
         support_scores: Tensor | None = None,
         class_ids: Tensor | None = None,
+        probe: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The model on precomputed features: ``query`` values (B, C, h, w), ``supports`` (B, K, C, h, w).
 
         ``support_scores``: AWF's (B, E) scores of these very supports from an earlier call
         (``out["support_scores"]``), to skip their pass: they do not depend on the query, and an episode's
-        support set recurs across the episodes of an evaluation."""
+        support set recurs across the episodes of an evaluation. ``probe``: likewise the `probe` matcher's
+        fit to these supports (``out["probe"]``), so that it is fitted once per support set."""
         b = support_masks.shape[0]
         fg, bg = self._support_fractions(support_masks, query["mid"].shape[-2:])
         if self.method == "proto":
@@ -252,7 +261,10 @@ class FewShotSegmenter(nn.Module):
             on_grid = self._fuses_on_grid(mode)
             members = [(grid_logits if on_grid else out["experts"])[e] for e in self.expert_names]
             if mode == "awf" and len(self.fusion_members) > len(self.expert_names):
-                matcher = self._matcher_logits(query, supports, fg, bg)
+                if self.cfg.fusion.matcher == "probe":
+                    probe = probe if probe is not None else self.fit_probe(supports["high"], fg, bg)
+                    out["probe"] = probe
+                matcher = self._matcher_logits(query, supports, fg, bg, probe)
                 out["matcher"] = {
                     self.cfg.fusion.matcher: self._upsample({"logits": matcher}, out_size)["logits"]
                 }
@@ -444,9 +456,26 @@ class FewShotSegmenter(nn.Module):
             scores.append(torch.stack(per_shot, dim=1).mean(dim=1))
         return torch.stack(scores, dim=1)
 
-    def _matcher_logits(self, query: dict, supports: dict, fg: Tensor, bg: Tensor) -> Tensor:
-        """The training-free member of the fusion (``model.fusion.matcher``) at the feature grid."""
+    def _matcher_logits(
+        self, query: dict, supports: dict, fg: Tensor, bg: Tensor, probe: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The training-free member of the fusion (``model.fusion.matcher``) at the feature grid; ``probe``:
+        the `probe` matcher's fit to these supports, when already made."""
+        if self.cfg.fusion.matcher == "probe":
+            w, b = probe if probe is not None else self.fit_probe(supports["high"], fg, bg)
+            z = torch.einsum("bchw,bc->bhw", F.normalize(query["high"], dim=1), w) + b[:, None, None]
+            return torch.stack([torch.zeros_like(z), z], dim=1)  # (bg, fg): the difference is the probe's
         return self._proto_logits(query["high"], supports["high"], fg, bg)
+
+    def fit_probe(self, support_high: Tensor, fg: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
+        """The `probe` matcher (``model.fusion.matcher = probe``): `proto` adapted to the support set. Its
+        linear fg/bg decision on the unit-length frozen features, starting from proto's (the difference of
+        the prototypes, x10 as proto's logits), is fitted to the support mask (``ops.fit_support_probe``):
+        (w (B, C), b (B,)). Fitted once per support set; a query then costs what proto's does."""
+        protos = self._prototypes(support_high, fg, bg)
+        settings = self.cfg.fusion.probe
+        init = (protos[1] - protos[0]) * 10.0
+        return fit_support_probe(support_high, fg, bg, init, settings.steps, settings.l2)
 
     def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
         """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""
@@ -460,6 +489,15 @@ class FewShotSegmenter(nn.Module):
                 keep = frac.reshape(b, 1, -1) > 0.5
                 best.append(sim.masked_fill(~keep, -2.0).max(dim=2).values.view(b, h, w))
             return torch.stack(best, dim=1) * 10.0
+        protos = self._prototypes(support_high, fg, bg)
+        sims = [F.cosine_similarity(q, p[:, :, None, None], dim=1) for p in protos]
+        return torch.stack(sims, dim=1) * 10.0
+
+    @staticmethod
+    def _prototypes(support_high: Tensor, fg: Tensor, bg: Tensor) -> list[Tensor]:
+        """The unit-length background and foreground prototypes (two (B, C)) of `proto`: masked averages
+        over the shots, each shot weighted by its area."""
+        b, k, c = support_high.shape[:3]
         s = support_high.flatten(0, 1)
         protos = []
         for frac in (bg, fg):
@@ -467,8 +505,7 @@ class FewShotSegmenter(nn.Module):
             area = f.sum(dim=(2, 3)).view(b, k, 1)
             per_shot = masked_average_pool(s, f).view(b, k, c)
             protos.append(F.normalize((per_shot * area).sum(1) / area.sum(1).clamp_min(1e-6), dim=1))
-        sims = [F.cosine_similarity(q, p[:, :, None, None], dim=1) for p in protos]
-        return torch.stack(sims, dim=1) * 10.0
+        return protos
 
 
 def _resized(masks: Tensor, size) -> Tensor:

@@ -220,3 +220,45 @@ def binary_confidence(prob: Tensor) -> Tensor:
     """1 - H(p) / log 2 for two-class probabilities (N, 2, H, W) -> (N, 1, H, W) in [0, 1]."""
     entropy = -(prob * prob.clamp_min(1e-8).log()).sum(dim=1, keepdim=True)
     return (1.0 - entropy / torch.log(torch.tensor(2.0, device=prob.device))).clamp(0.0, 1.0)
+
+
+def fit_support_probe(
+    support_high: Tensor, fg: Tensor, bg: Tensor, init: Tensor, steps: int, l2: float
+) -> tuple[Tensor, Tensor]:
+    """A linear fg/bg classifier on the support's unit-length frozen features, fitted to its mask at test
+    time: the `proto` matcher adapted to this support set.
+
+    ``support_high`` (B, K, C, h, w); ``fg``/``bg`` (B, K, 1, h, w) the mask fractions per cell; ``init``
+    (B, C) the starting direction (proto's: its logit difference is ``q . init`` for a unit ``q``). The
+    loss is the class-balanced logistic loss over the labelled cells (fg and bg count alike, as the
+    foreground is often a few cells) plus ``l2 * |w - init|^2``, which keeps the fit near the prototype
+    direction; ``steps`` L-BFGS iterations. Returns w (B, C) and the bias b (B,); the probe's logit
+    difference at a unit query vector ``q`` is ``q . w + b``. Deterministic; runs with gradients enabled
+    whatever the caller's mode, and returns detached tensors."""
+    b, k, c = support_high.shape[:3]
+    x = F.normalize(support_high, dim=2).permute(0, 1, 3, 4, 2).reshape(b, -1, c).detach()  # (B, n, C)
+    f, g = fg.reshape(b, -1), bg.reshape(b, -1)
+    labelled = (f + g) > 0.5
+    t = (f / (f + g).clamp_min(EPS)) * labelled  # soft target in [0, 1]
+    wf = t / t.sum(dim=1, keepdim=True).clamp_min(EPS)
+    wb = (1 - t) * labelled / ((1 - t) * labelled).sum(dim=1, keepdim=True).clamp_min(EPS)
+    init = init.detach()
+    w = init.clone().requires_grad_(True)
+    bias = torch.zeros(b, dtype=x.dtype, device=x.device, requires_grad=True)
+
+    def loss_fn() -> Tensor:
+        z = torch.einsum("bnc,bc->bn", x, w) + bias[:, None]
+        fit = (wf * F.softplus(-z) + wb * F.softplus(z)).sum(dim=1) / 2
+        return (fit + l2 * (w - init).pow(2).sum(dim=1)).sum()
+
+    with torch.enable_grad():
+        opt = torch.optim.LBFGS([w, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return w.detach(), bias.detach()
