@@ -1,22 +1,28 @@
 """Score models trained on the offline PASCAL-5i folds on a cross-domain set (default: CamVid,
-``configs/camvid_cross.yaml``), next to the training-free methods, on the same episode files.
+``configs/camvid_cross.yaml``; also ``configs/ccp_cross.yaml``), next to the training-free methods, on the
+same episode files; or, with ``--config configs/pascal_offline.yaml``, each fold's model on its own test
+fold.
 
-Every fold's model is one run of ``dedn eval`` per fusion setting (``--matcher``); each run also scores
-every expert alone, plain averaging and the matcher from the same forward pass. ``proto`` and ``prior``
-do not depend on the fold and are scored once. The table is the mean over the fold models (mIoU, FB-IoU
-and per-class IoU, each first averaged over the seeds of a run), written to ``<out>/table.md`` and
-``<out>/table.json``; a run whose ``results.json`` exists is not repeated.
+Every fold's model is one run of ``dedn eval`` per fusion setting (``--matcher``; ``--previous`` adds the
+fusion of round 12, AWF with ``proto`` and per-pixel confidence weighting); each run also scores every
+expert alone, plain averaging and the `probe` matcher from the same forward pass. ``proto`` and ``prior``
+do not depend on the fold and are scored once on a cross-domain set (once per fold on PASCAL-5i). The
+table is the mean over the fold models (mIoU, FB-IoU and per-class IoU, each first averaged over the seeds
+of a run), written to ``<out>/table.md`` and ``<out>/table.json``; a run whose ``results.json`` exists is
+not repeated.
 
     python scripts/cross_domain_table.py \
         --checkpoint "runs/pascal-table/models/method=dedn-fold{fold}/checkpoints/best.pt"
     python scripts/cross_domain_table.py --checkpoint "..." --split val --seeds 0        # tuning: CamVid val
     python scripts/cross_domain_table.py --checkpoint "..." --shots 5 --out runs/camvid-5shot
+    python scripts/cross_domain_table.py --config configs/ccp_cross.yaml --checkpoint "..." --previous
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +35,17 @@ from dedn.utils.io import atomic_write_json, atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "camvid_cross.yaml"
 TRAINING_FREE = ("proto", "prior")
+#: --matcher value -> (row name, extra settings)
+FUSIONS = {
+    "probe": ("dedn", ["model.fusion.matcher=probe", "model.fusion.confidence=false"]),
+    "proto": ("dedn (AWF + proto)", ["model.fusion.matcher=proto", "model.fusion.confidence=false"]),
+    "none": ("dedn (AWF, experts only)", ["model.fusion.matcher=none", "model.fusion.confidence=false"]),
+    # round 12's default: the matcher proto, each pixel weighted by each member's confidence
+    "previous": (
+        "dedn (round 12: AWF + proto, confidence)",
+        ["model.fusion.matcher=proto", "model.fusion.confidence=true"],
+    ),
+}
 
 
 def run_eval(config: Path, out: Path, sets: list[str], checkpoint: str | None = None) -> dict:
@@ -49,8 +66,11 @@ def entries(result: dict, prefix: str) -> dict[str, dict]:
     method = result["method"]
     rows = {prefix or method: result["summary"]}
     for name, summary in result.get("experts", {}).items():
+        if name == "matcher=proto" or (name.startswith("matcher=") and prefix != FUSIONS["probe"][0]):
+            continue  # proto is a row of its own; the probe is shown once, from the default fusion's runs
         if name.startswith("matcher="):
-            continue  # the training-free matcher is the proto row, scored on its own
+            rows[name.replace("matcher=", "") + " (training-free, fitted to the support)"] = summary
+            continue
         label = f"{name} expert" if "=" not in name else name.replace("fusion=", "fusion ")
         rows[f"{prefix} / {label}" if prefix else label] = summary
     return rows
@@ -62,8 +82,9 @@ def mean_over(summaries: list[dict]) -> dict:
     return {
         "miou": sum(s["miou"]["mean"] for s in summaries) / len(summaries),
         "fbiou": sum(s["fbiou"]["mean"] for s in summaries) / len(summaries),
+        # on PASCAL-5i each fold model scores its own classes: a class's mean is over the models that have it
         "class_iou": {
-            c: sum(s["class_iou"][c]["mean"] for s in summaries if c in s["class_iou"]) / len(summaries)
+            c: statistics.mean(s["class_iou"][c]["mean"] for s in summaries if c in s["class_iou"])
             for c in classes
         },
         "models": len(summaries),
@@ -79,17 +100,20 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--split", default="test", help="the set's split (tune on val, report on test)")
     parser.add_argument(
-        "--matcher", nargs="+", default=["proto", "none"], help="model.fusion.matcher values to score"
+        "--split", default=None, help="the set's split (default: the config's; tune on val, report on test)"
     )
+    parser.add_argument(
+        "--matcher", nargs="+", default=["probe"], choices=list(FUSIONS), help="the fusions to score"
+    )
+    parser.add_argument("--previous", action="store_true", help="also round 12's fusion (--matcher previous)")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--out", default=str(REPO / "runs" / "cross-domain"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every run")
     args = parser.parse_args()
     out = Path(args.out)
     common = [
-        f"data.test_split={args.split}",
+        *([f"data.test_split={args.split}"] if args.split else []),
         f"data.shots={args.shots}",
         f"eval.episodes={args.episodes}",
         f"eval.seeds=[{', '.join(map(str, args.seeds))}]",
@@ -97,28 +121,34 @@ def main() -> None:
         *args.extra,
     ]
     config = Path(args.config)
+    cross = load_config(config).data.protocol == "cross"
     table: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
     for method in TRAINING_FREE:
-        run = out / "eval" / method
-        result = run_eval(config, run, [*common, f"model.method={method}"])
-        table.setdefault(method, []).append(result["summary"])
-        seconds[method] = json.loads((run / "times.json").read_text())["eval_seconds"]
-    for matcher in args.matcher:
-        name = "dedn (AWF + proto)" if matcher == "proto" else "dedn (AWF)"
+        for fold in [None] if cross else args.folds:  # on PASCAL-5i each fold has its own classes
+            run = out / "eval" / (method if cross else f"{method}-fold{fold}")
+            fold_set = [] if cross else [f"data.fold={fold}"]
+            result = run_eval(config, run, [*common, *fold_set, f"model.method={method}"])
+            table.setdefault(method, []).append(result["summary"])
+            seconds[run.name] = json.loads((run / "times.json").read_text())["eval_seconds"]
+    fusions = [*args.matcher, *(["previous"] if args.previous and "previous" not in args.matcher else [])]
+    for matcher in fusions:
+        name, settings = FUSIONS[matcher]
         for fold in args.folds:
-            run = out / "eval" / f"dedn-matcher={matcher}-fold{fold}"
+            run = out / "eval" / f"dedn-{matcher}-fold{fold}"
             ckpt = args.checkpoint.replace("{fold}", str(fold))
-            result = run_eval(config, run, [*common, f"model.fusion.matcher={matcher}"], ckpt)
+            fold_set = [] if cross else [f"data.fold={fold}"]
+            result = run_eval(config, run, [*common, *fold_set, *settings], ckpt)
             for row, summary in entries(result, name).items():
                 table.setdefault(row, []).append(summary)
             seconds[f"{name} fold {fold}"] = json.loads((run / "times.json").read_text())["eval_seconds"]
     rows = {row: mean_over(s) for row, s in table.items()}
     classes = sorted(next(iter(rows.values()))["class_iou"], key=int)
-    names = build_source(load_config(config, common).data, args.split).class_names
+    data = load_config(config, common).data
+    names = build_source(data, data.test_split).class_names
     header = [names[int(c) - 1] for c in classes]
     lines = [
-        f"# Cross-domain: {config.name}, split {args.split}, {args.shots}-shot, {args.episodes} episodes x "
+        f"# {config.name}, split {data.test_split}, {args.shots}-shot, {args.episodes} episodes x "
         f"seeds {args.seeds}; trained rows: mean over the models of folds {args.folds}",
         "",
         "| method | mIoU | FB-IoU | " + " | ".join(header) + " |",

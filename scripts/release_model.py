@@ -34,7 +34,12 @@ def figures(path: Path) -> dict:
     r = json.loads(path.read_text())
     s = r["settings"]
     names = {int(k): v for k, v in s["class_names"].items()}
+    config = r.get("config", {})
+    fusion = config.get("model", {}).get("fusion", {})
     return {
+        "set": Path(config.get("data", {}).get("root") or "").name,
+        "split": config.get("data", {}).get("test_split"),
+        "fusion": {k: fusion[k] for k in ("matcher", "confidence") if k in fusion},
         "benchmark": s["benchmark"],
         "protocol": s["protocol"],
         "shots": s["shots"],

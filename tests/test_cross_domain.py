@@ -341,8 +341,9 @@ def test_training_with_pseudo_classes_draws_them_at_the_given_share(tmp_path):
 
 
 def test_cross_domain_table_averages_the_fold_models(tmp_path):
-    """scripts/cross_domain_table.py: each fold's checkpoint scored with and without the matcher, proto
-    and prior once, the table the mean over the fold models; finished runs are not repeated."""
+    """scripts/cross_domain_table.py: each fold's checkpoint scored with the default fusion (the probe) and
+    round 12's, proto and prior once, the table the mean over the fold models; finished runs are not
+    repeated."""
     import subprocess
     import sys
 
@@ -354,16 +355,21 @@ def test_cross_domain_table_averages_the_fold_models(tmp_path):
     out = tmp_path / "table"
     args = [sys.executable, str(repo / "scripts" / "cross_domain_table.py"), "--config", str(config),
             "--checkpoint", str(tmp_path / "m{fold}.pt"), "--folds", "0", "1", "--seeds", "0", "1",
-            "--episodes", "4", "--out", str(out)]  # fmt: skip
+            "--episodes", "4", "--out", str(out), "--previous"]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "table.json").read_text())["rows"]
-    assert {"proto", "prior", "dedn (AWF + proto)", "dedn (AWF)", "dedn (AWF) / object expert"} <= set(rows)
-    runs = [json.loads((out / "eval" / f"dedn-matcher=proto-fold{f}" / "results.json").read_text())
-            for f in (0, 1)]  # fmt: skip
+    previous = "dedn (round 12: AWF + proto, confidence)"
+    probe = "probe (training-free, fitted to the support)"
+    assert {"proto", "prior", "dedn", previous, "dedn / object expert", probe} <= set(rows)
+    assert not any("matcher=" in row for row in rows)
+    runs = [json.loads((out / "eval" / f"dedn-probe-fold{f}" / "results.json").read_text()) for f in (0, 1)]
     expected = sum(r["summary"]["miou"]["mean"] for r in runs) / 2
-    assert rows["dedn (AWF + proto)"]["miou"] == pytest.approx(expected)
-    assert rows["dedn (AWF + proto)"]["models"] == 2 and rows["proto"]["models"] == 1
+    assert rows["dedn"]["miou"] == pytest.approx(expected)
+    assert runs[0]["config"]["model"]["fusion"]["confidence"] is False
+    old = json.loads((out / "eval" / "dedn-previous-fold0" / "results.json").read_text())["config"]
+    assert old["model"]["fusion"]["matcher"] == "proto" and old["model"]["fusion"]["confidence"] is True
+    assert rows["dedn"]["models"] == 2 and rows["proto"]["models"] == 1
     assert "| method | mIoU | FB-IoU | sky | road | car |" in (out / "table.md").read_text()
     stamp = (out / "eval" / "proto" / "results.json").stat().st_mtime_ns
     assert subprocess.run(args, capture_output=True, cwd=repo).returncode == 0

@@ -120,3 +120,19 @@ def test_cli_export(tmp_path, capsys):
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert inputs == {"query": [1, 3, 64, 64], "supports": [1, 2, 3, 64, 64], "support_masks": [1, 2, 64, 64]}
     assert np.isfinite(run_onnx(out, *_episode(64, 2)).numpy()).all()
+
+
+def test_a_probe_matcher_is_refused_with_the_way_out(tmp_path, capsys):
+    """A checkpoint whose fusion uses the probe (fitted per support set) is not exported silently wrong:
+    a clear error names --matcher; with --matcher proto the graph is the proto fusion's."""
+    from usage_helpers import toy_config
+
+    cfg = toy_config()
+    cfg.model.fusion.matcher = "probe"
+    ckpt = make_checkpoint(tmp_path / "probe.pt", cfg)
+    out = tmp_path / "model.onnx"
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--size", "64"]
+    assert main(args) == 2
+    assert "--matcher proto" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--matcher", "proto"]) == 0
+    assert "checked with onnxruntime" in capsys.readouterr().out

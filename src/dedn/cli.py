@@ -172,7 +172,10 @@ def cmd_export(args) -> int:
     from dedn.export import export_onnx
     from dedn.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", image_size=args.size)
+    test_time = {"model.fusion.matcher": args.matcher} if args.matcher else None
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device="cpu", image_size=args.size, test_time=test_time
+    )
     cfg = predictor.config
     report = export_onnx(
         predictor.model,
@@ -334,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="input size S, fixed in the graph (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument(
+        "--matcher",
+        choices=["proto", "none"],
+        help="DEDN: the AWF matcher in the graph instead of the checkpoint's (a probe matcher, which is "
+        "fitted per support set, cannot be exported)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("app", help="a local web page to try a trained model (needs dedn[app])")

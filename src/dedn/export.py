@@ -138,6 +138,13 @@ def export_onnx(
         raise ConfigError(f"shots must be a positive integer, got {shots!r}")
     if not isinstance(image_size, int) or image_size < 32:
         raise ConfigError(f"image size must be an integer of at least 32, got {image_size!r}")
+    fusion = getattr(getattr(model, "cfg", None), "fusion", None)
+    if getattr(model, "method", "") == "dedn" and getattr(fusion, "matcher", "") == "probe":
+        raise ConfigError(
+            "model.fusion.matcher = probe fits a classifier to each support set with an iterative solver, "
+            "which a static ONNX graph cannot hold; export with the proto matcher (dedn export --matcher "
+            "proto) or without one (--matcher none)"
+        )
     path = Path(path)
     make_dir(path.parent, "folder of --out")
     model = model.to("cpu").eval()
