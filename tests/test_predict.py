@@ -493,3 +493,101 @@ def test_test_time_settings_replace_the_checkpoints_and_nothing_else(tmp_path):
     assert predictor.config.model.fusion.matcher == "probe"
     with pytest.raises(CheckpointError, match="model.channels is not a test-time setting"):
         Predictor.from_checkpoint(ckpt, test_time={"model.channels": 8})
+
+
+# ------------------------------------------------------------------------------ silent wrong answers (41)
+def _predict_args(ckpt, support, mask, query, out, *extra):
+    return ["predict", "--checkpoint", str(ckpt), "--support", str(support), str(mask), "--query",
+            str(query), "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def test_a_support_given_as_mask_then_image_is_refused(toy_ckpt, episode, tmp_path, capsys):
+    """--support MASK IMAGE (swapped): a clear message naming both files, exit 2, nothing written; the
+    Python API says the same."""
+    support, mask, query = episode
+    image_path = save_rgb(tmp_path / "s.jpg", support, quality=95)
+    mask_path = save_rgb(tmp_path / "m.png", mask * 255)
+    query_path = save_rgb(tmp_path / "q.jpg", query)
+    out = tmp_path / "out"
+    assert main(_predict_args(toy_ckpt, mask_path, image_path, query_path, out)) == 2
+    err = capsys.readouterr().err
+    assert "m.png looks like a mask" in err and "s.jpg like a photo" in err and "IMAGE then MASK" in err
+    assert not out.exists()
+    with pytest.raises(DataError, match="looks like a mask"):
+        Predictor.from_checkpoint(toy_ckpt).encode_supports(mask_path, image_path)
+    assert main(_predict_args(toy_ckpt, image_path, mask_path, query_path, out)) == 0  # the right order
+
+
+def test_a_folder_in_the_readme_layout_segments_photos_not_their_masks(toy_ckpt, episode, tmp_path, capsys):
+    """x.jpg + x.png (its mask) in a query folder: only the photo is segmented; the mask and a subfolder
+    are named as passed over. A photo saved as PNG next to a JPEG of the same name is still a query."""
+    support, mask, query = episode
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    save_rgb(folder / "cat.jpg", query)
+    save_rgb(
+        folder / "cat.png",
+        ((np.arange(query.shape[1]) > 20)[None].repeat(query.shape[0], 0) * 255).astype(np.uint8),
+    )
+    save_rgb(folder / "dog.jpg", query)
+    save_rgb(folder / "dog.png", query)  # a photo, not a mask
+    s = save_rgb(tmp_path / "s.jpg", support, quality=95)
+    m = save_rgb(tmp_path / "m.png", mask * 255)
+    assert main(_predict_args(toy_ckpt, s, m, folder, tmp_path / "out")) == 0
+    text = capsys.readouterr().out
+    assert "3 image(s) segmented" in text
+    assert "1 mask(s) next to their photos passed over: cat.png" in text
+    assert "1 subfolder(s) not searched: more" in text
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == [
+        "cat_mask.png", "dog_jpg_mask.png", "dog_png_mask.png"
+    ]  # fmt: skip
+
+
+def test_an_empty_prediction_is_reported_with_its_highest_probability(toy_ckpt, episode, tmp_path, capsys):
+    """A query whose mask comes back empty is named with its highest foreground probability (not only
+    counted as segmented); --threshold moves the decision and is checked."""
+    support, mask, query = episode
+    s = save_rgb(tmp_path / "s.jpg", support, quality=95)
+    m = save_rgb(tmp_path / "m.png", mask * 255)
+    q = save_rgb(tmp_path / "q.jpg", query)
+    top = float(Predictor.from_checkpoint(toy_ckpt).predict(q, s, m).probability.max())
+    assert (
+        main(_predict_args(toy_ckpt, s, m, q, tmp_path / "out", "--threshold", str(min(0.99, top + 0.005))))
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert (
+        "no object found in" in captured.err and f"highest foreground probability {top:.2f}" in captured.err
+    )
+    assert "1 of them with no object found" in captured.out
+    assert not np.asarray(Image.open(tmp_path / "out" / "q_mask.png")).any()
+    assert (
+        main(_predict_args(toy_ckpt, s, m, q, tmp_path / "low", "--threshold", str(max(0.01, top - 0.01))))
+        == 0
+    )
+    assert np.asarray(Image.open(tmp_path / "low" / "q_mask.png")).any()
+    assert "no object found" not in capsys.readouterr().err
+    assert main(_predict_args(toy_ckpt, s, m, q, tmp_path / "bad", "--threshold", "1.5")) == 2
+    assert "--threshold 1.5" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_predict_runs_the_training_free_methods_and_takes_threads(toy_ckpt, episode, tmp_path, capsys):
+    """--method proto | prior: the training-free matchers on the checkpoint's backbone, the same masks as
+    Predictor.training_free; --threads sets torch's thread count, and 0 is refused."""
+    support, mask, query = episode
+    s = save_rgb(tmp_path / "s.jpg", support, quality=95)
+    m = save_rgb(tmp_path / "m.png", mask * 255)
+    q = save_rgb(tmp_path / "q.jpg", query)
+    before = torch.get_num_threads()
+    try:
+        for method in ("proto", "prior"):
+            out = tmp_path / method
+            assert main(_predict_args(toy_ckpt, s, m, q, out, "--method", method, "--threads", "1")) == 0
+            assert torch.get_num_threads() == 1
+            want = Predictor.training_free(method, Predictor.from_checkpoint(toy_ckpt)).predict(q, s, m).mask
+            assert np.array_equal(np.asarray(Image.open(out / "q_mask.png")) > 0, want > 0)
+            assert f"method {method}" in capsys.readouterr().err
+        assert main(_predict_args(toy_ckpt, s, m, q, tmp_path / "t0", "--threads", "0")) == 2
+        assert "--threads 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from dedn.errors import DednError
+from dedn.errors import ConfigError, DednError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -116,11 +117,35 @@ def cmd_eval(args) -> int:
 _PREDICT_OUTPUTS = ("_mask.png", "_overlay.jpg")
 
 
+def default_threads() -> int:
+    """Threads per process for `dedn predict` and `dedn app` when --threads is not given: half the cores
+    this process may use (at least 1, at most 4). PyTorch's own default takes every core, which on a
+    machine that runs anything else makes each query wait for the busiest core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise ConfigError(f"--threads {threads}: expected at least 1")
+    torch.set_num_threads(n)
+    return n
+
+
 def cmd_predict(args) -> int:
     from dedn.errors import DataError
-    from dedn.predict import find_images, predict_files
+    from dedn.predict import Predictor, find_images, predict_files
     from dedn.utils.io import check_dir
 
+    set_threads(args.threads)
+    if not 0.0 < args.threshold < 1.0:
+        raise ConfigError(f"--threshold {args.threshold}: expected a probability strictly between 0 and 1")
     queries, ignored = find_images(args.query)
     out = check_dir(args.out, "--out folder").resolve()
     # with --out inside a query folder, a second run must not segment the first run's outputs
@@ -128,6 +153,9 @@ def cmd_predict(args) -> int:
     if not queries:
         raise DataError(f"no image files found in {', '.join(args.query)}")
     predictor = _predictor(args)
+    if args.method != "model":
+        predictor = Predictor.training_free(args.method, predictor)
+        print(f"dedn: method {args.method} (training-free; the backbone of the model above)", file=sys.stderr)
     support_set = predictor.encode_supports(
         [s[0] for s in args.support], [s[1] for s in args.support], mask_value=args.mask_value
     )
@@ -137,7 +165,13 @@ def cmd_predict(args) -> int:
         if count == 0:
             print(f"dedn: warning: the mask of support {name} marks no object pixel", file=sys.stderr)
     summary = predict_files(
-        predictor, support_set, queries, Path(args.out), progress=not args.quiet, ignored=ignored
+        predictor,
+        support_set,
+        queries,
+        Path(args.out),
+        progress=not args.quiet,
+        ignored=ignored,
+        threshold=args.threshold,
     )
     print(summary.format())
     print(f"masks and overlays in {args.out}")
@@ -203,6 +237,7 @@ def cmd_export(args) -> int:
 def cmd_app(args) -> int:
     from dedn.app import launch_app
 
+    set_threads(args.threads)
     launch_app(args.checkpoint, host=args.host, port=args.port, device=args.device, image_size=args.size)
     return 0
 
@@ -317,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-value", type=int, help="the object's value in the support masks (label maps)")
     p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--method",
+        choices=["model", "proto", "prior"],
+        default="model",
+        help="model: the checkpoint's (or the shipped) model; proto, prior: the training-free matchers on "
+        "its backbone (default: model)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="foreground probability above which a pixel is the object (default 0.5); queries with an "
+        "empty mask are reported with their highest probability",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: half the cores, 1 to 4; more can be much slower on a busy machine)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
@@ -351,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     p.add_argument("--size", type=int, help="network input size (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: half the cores, 1 to 4)")
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("episodes", help="write a test episode file from a seed")

@@ -28,6 +28,7 @@ Masks (``support_masks``) are read as follows; ``mask_value`` overrides the gues
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -358,6 +359,34 @@ def _list(values: np.ndarray, limit: int = 12) -> str:
     return f"{items}{more}"
 
 
+def _distinct(values: np.ndarray, limit: int) -> int:
+    """The number of distinct values (colours for (H, W, 3)) in ``values``, counted up to ``limit + 1``
+    on a regular subsample of at most 64k pixels."""
+    flat = values.reshape(-1, values.shape[2]) if values.ndim == 3 else values.reshape(-1, 1)
+    step = max(1, len(flat) // 65536)
+    return min(len(np.unique(flat[::step], axis=0)), limit + 1)
+
+
+def _photo_like(values: np.ndarray) -> bool:
+    """Mask values that look like a photo: many levels, and most pixels between the darkest and the
+    brightest (a mask with soft edges has its levels on the edges only)."""
+    if values.dtype == bool or _distinct(values, 32) <= 32:
+        return False
+    lo, hi = values.min(), values.max()
+    return float(((values != lo) & (values != hi)).mean()) > 0.5
+
+
+def _check_not_swapped(image: LoadedImage, mask: LoadedImage) -> None:
+    """A support given as (mask, image) instead of (image, mask): the "image" has a handful of flat
+    values, as a mask does, and the "mask" the levels of a photo. Either alone is legitimate (a flat
+    drawing; a mask with soft edges), both together are not."""
+    if _distinct(image.pixels, 8) <= 8 and _photo_like(mask.pixels):
+        raise DataError(
+            f"support image {image.name} looks like a mask (at most 8 colours) and its mask {mask.name} like "
+            "a photo (many levels): give each support as IMAGE then MASK"
+        )
+
+
 def _check_pair(image: LoadedImage, mask: LoadedImage) -> None:
     ih, iw = image.pixels.shape[:2]
     mh, mw = mask.pixels.shape[:2]
@@ -499,6 +528,24 @@ class Predictor:
         predictor.pretrained = name or _default_pretrained_name()
         return predictor
 
+    @classmethod
+    def training_free(cls, method: str, like: Predictor) -> Predictor:
+        """The training-free ``proto`` or ``prior`` with ``like``'s backbone, input size and device: the
+        matchers a user can compare a trained model with on their own pictures."""
+        from dedn.models.network import TRAINING_FREE, FewShotSegmenter
+
+        if method not in TRAINING_FREE:
+            raise ConfigError(
+                f"method {method!r} is not training-free; expected one of {', '.join(TRAINING_FREE)}"
+            )
+        if like.config is None:
+            raise ConfigError("a training-free predictor needs a predictor loaded from a checkpoint to copy")
+        cfg = copy.deepcopy(like.config)
+        cfg.model.method = method
+        predictor = cls(FewShotSegmenter(cfg.model, like.model.backbone), like.image_size, like.device)
+        predictor.config = cfg
+        return predictor
+
     # -------------------------------------------------------------------------------------- internals
     def _encode(self, image: np.ndarray) -> dict[str, torch.Tensor]:
         tensor, _, _ = self.transform(image, None)
@@ -512,6 +559,7 @@ class Predictor:
         img = load_image(image, _describe(image, f"support {index + 1} image"))
         raw = load_mask(mask, _describe(mask, f"support {index + 1} mask"))
         _check_pair(img, raw)
+        _check_not_swapped(img, raw)
         return img, binarize_mask(raw.pixels, mask_value, raw.name, raw.palette)
 
     def encode_supports(
@@ -620,17 +668,39 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------------ folders/files
+def _looks_like_mask(path: Path) -> bool:
+    """A picture file of at most 8 distinct values (read from a thumbnail), as masks are; False for a file
+    that cannot be read (it is then a query, and its error is reported where it is segmented)."""
+    try:
+        with Image.open(path) as im:
+            im.draft(None, (256, 256))
+            small = im.copy()
+            small.thumbnail((256, 256), Image.Resampling.NEAREST)
+            return _distinct(np.asarray(small), 8) <= 8
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def find_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """Expand files and folders (not recursive) into (image files, other files that were passed over)."""
+    """Expand files and folders (not recursive) into (image files, what was passed over: other files, the
+    subfolders, and the masks that sit next to their photos).
+
+    In a folder, a ``.png`` with the stem of another image there (``cat.jpg`` + ``cat.png``, the layout of
+    FSS-1000 and of this README's own examples) that holds a handful of values is that photo's mask, not a
+    query."""
     images: list[Path] = []
     others: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            for child in sorted(p.iterdir()):
-                if child.name.startswith(".") or not child.is_file():
-                    continue
-                (images if child.suffix.lower() in IMAGE_EXTENSIONS else others).append(child)
+            children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".")]
+            pictures = [c for c in children if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS]
+            photo_stems = {c.stem for c in pictures if c.suffix.lower() != ".png"}
+            for child in children:
+                mask = (
+                    child.suffix.lower() == ".png" and child.stem in photo_stems and _looks_like_mask(child)
+                )
+                (images if child in pictures and not mask else others).append(child)
         elif p.exists():
             images.append(p)  # named explicitly: try it whatever its extension
         else:
@@ -661,13 +731,35 @@ class FolderSummary:
     ignored: list[Path] = field(default_factory=list)
     outputs: list[tuple[Path, Path]] = field(default_factory=list)
 
+    #: (query, highest foreground probability) of the queries whose mask came back (nearly) empty
+    empty: list[tuple[Path, float]] = field(default_factory=list)
+
     def format(self) -> str:
         lines = [f"{len(self.done)} image(s) segmented, {len(self.skipped)} skipped"]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
-        if self.ignored:
-            shown = ", ".join(p.name for p in self.ignored[:5])
-            more = f" and {len(self.ignored) - 5} more" if len(self.ignored) > 5 else ""
-            lines.append(f"  {len(self.ignored)} non-image file(s) passed over: {shown}{more}")
+        if self.empty:
+            lines.append(
+                f"  {len(self.empty)} of them with no object found (an empty mask): "
+                + ", ".join(f"{p.name} (highest probability {top:.2f})" for p, top in self.empty[:8])
+                + (" ..." if len(self.empty) > 8 else "")
+                + "; a lower --threshold, or more supports, may find it"
+            )
+        kinds = (
+            ("subfolder(s) not searched", lambda q: q.is_dir()),
+            (
+                "mask(s) next to their photos passed over",
+                lambda q: q.suffix.lower() == ".png" and q.is_file(),
+            ),
+            ("non-image file(s) passed over", lambda q: True),
+        )
+        left = list(self.ignored)
+        for label, test in kinds:
+            group = [q for q in left if test(q)]
+            left = [q for q in left if q not in group]
+            if group:
+                shown = ", ".join(q.name for q in group[:5])
+                more = f" and {len(group) - 5} more" if len(group) > 5 else ""
+                lines.append(f"  {len(group)} {label}: {shown}{more}")
         return "\n".join(lines)
 
 
@@ -693,10 +785,13 @@ def predict_files(
     progress: bool = True,
     ignored: Sequence[Path] = (),
     report: Callable[[str], None] | None = None,
+    threshold: float = 0.5,
 ) -> FolderSummary:
     """Segment every query file, writing ``<name>_mask.png`` (0/255) and ``<name>_overlay.jpg``.
 
-    A query that cannot be read is reported (``report``, default: stderr) and skipped; the others go on.
+    ``threshold``: the foreground probability above which a pixel is the object (0.5: the model's own
+    decision). A query that cannot be read is reported (``report``, default: stderr) and skipped; the
+    others go on. A query whose mask comes back empty is reported with its highest probability.
     """
     from tqdm import tqdm
 
@@ -726,8 +821,15 @@ def predict_files(
             say(f"skipped {path}: {e}")
             continue
         result = predictor.predict_loaded(query, support_set, return_experts=False)
-        mask_path = save_png(out_dir / f"{name}_mask.png", result.mask * np.uint8(255))
-        overlay_path = save_jpeg(out_dir / f"{name}_overlay.jpg", overlay(result.image, result.mask))
+        mask = (result.probability > threshold).astype(np.uint8)
+        if not mask.any() and not result.empty_support:
+            top = float(result.probability.max(initial=0.0))
+            summary.empty.append((path, top))
+            say(
+                f"no object found in {path} (highest foreground probability {top:.2f}, threshold {threshold})"
+            )
+        mask_path = save_png(out_dir / f"{name}_mask.png", mask * np.uint8(255))
+        overlay_path = save_jpeg(out_dir / f"{name}_overlay.jpg", overlay(result.image, mask))
         summary.done.append(path)
         summary.outputs.append((mask_path, overlay_path))
     bar.close()
