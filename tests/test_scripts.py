@@ -206,6 +206,19 @@ def test_probe_benchmark_prints_the_fit_and_the_query_cost():
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in lines)
 
 
+def test_threads_benchmark_times_each_thread_count():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "threads.py"), "--queries", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if "thread(s) (" in line]
+    assert rows and rows[0].lstrip().startswith("1 thread(s) (1")
+    assert all(float(r.split("median")[1].split()[0]) > 0 for r in rows)
+
+
 def load_script(name: str):
     """A script under scripts/ imported as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
