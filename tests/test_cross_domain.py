@@ -374,3 +374,27 @@ def test_cross_domain_table_averages_the_fold_models(tmp_path):
     stamp = (out / "eval" / "proto" / "results.json").stat().st_mtime_ns
     assert subprocess.run(args, capture_output=True, cwd=repo).returncode == 0
     assert (out / "eval" / "proto" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_unseen_picture_draws_every_member_the_fusions_and_proto(tmp_path):
+    """scripts/unseen_picture.py: one row per episode, columns support, query, both experts, the probe, the
+    fusion, round 12's fusion and proto."""
+    import subprocess
+    import sys
+
+    from dedn.vis import grid_size
+
+    repo = Path(__file__).resolve().parents[1]
+    root = make_labelmap(tmp_path / "set", size=(80, 96))
+    config = _write_config(tmp_path, root)
+    text = config.read_text().replace("  channels: 16\n", "  channels: 16\n  fusion:\n    matcher: probe\n")
+    config.write_text(text)
+    ckpt = make_checkpoint(tmp_path / "dedn.pt", toy_config(image_size=64))
+    out = tmp_path / "grid.png"
+    done = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "unseen_picture.py"), "--config", str(config), "--checkpoint",
+         str(ckpt), "--rows", "2", "--out", str(out)], capture_output=True, text=True, cwd=repo,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    # support, query + truth, object, scenario, probe, fused, round 12, proto
+    assert Image.open(out).size == grid_size(2, 8, 160)
