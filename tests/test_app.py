@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dedn.app import editor_support, segment
+from dedn.app import caption_for, describe_weights, editor_support, page_run, segment
 from dedn.errors import DataError
 from dedn.predict import Predictor
 from usage_helpers import make_checkpoint, save_rgb, scene
@@ -381,3 +381,41 @@ def test_app_without_checkpoint_serves_the_shipped_model(balanced_ckpt, tmp_path
     assert served["predictor"].pretrained == "toy"
     assert served["description"] == "Model: the shipped model toy (dedn, toy, input 64 px)."
     assert served["launch"]["server_name"] == "127.0.0.1" and served["launch"]["server_port"] == 7999
+
+
+def test_the_page_reports_a_users_mistake_as_its_status_without_an_exception(predictor, pictures):
+    """Segment with no support, or a mask of the wrong size: the status line says what to fix and nothing
+    else is shown; no exception leaves the handler (the server console prints no traceback)."""
+    gallery, masks, status, details = page_run(predictor, 1, [str(pictures["query1"])], None, None)
+    assert (gallery, masks, details) == (
+        [],
+        [],
+        "",
+    ) and status == "**Could not segment:** upload a support image first"
+    _, _, status, _ = page_run(
+        predictor, 1, [str(pictures["query1"])], str(pictures["support"]), str(pictures["mask2"])
+    )
+    assert status.startswith("**Could not segment:** support 1: mask") and "90x90" in status
+
+
+def test_captions_and_details_are_in_a_users_words(predictor, pictures, tmp_path):
+    """A caption says how much of the picture is marked (or that nothing was found, with the highest
+    probability); the fusion weights are summed into the trained experts' and the matcher's shares, behind
+    the page's Details toggle."""
+    editor = _painted(pictures["support"], pictures["mask"])
+    gallery, masks, status, details = page_run(predictor, 1, [str(pictures["query1"])], editor, None)
+    assert len(gallery) == 1 and "% of the picture marked" in gallery[0][1] and "Segmented 1 image" in status
+    assert details.startswith("- query1.png: trained experts ") and details.endswith(" %")
+    assert describe_weights({"object": 0.25, "scenario": 0.25, "probe": 0.5}) == (
+        "trained experts 50 %, matching fitted to your supports 50 %"
+    )
+
+    class Empty:
+        empty_support = False
+        mask = np.zeros((4, 4), np.uint8)
+        probability = np.full((4, 4), 0.31, np.float32)
+
+    assert (
+        caption_for("q.png", Empty())
+        == "q.png: not found (highest probability 0.31); try another or a second support"
+    )

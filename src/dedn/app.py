@@ -44,6 +44,8 @@ class AppResult:
     message: str = ""
     #: the number of supports used (K)
     shots: int = 0
+    #: per query, what the fusion leaned on, in a user's words (the page shows them behind "Details")
+    details: list[str] = field(default_factory=list)
 
 
 def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -152,15 +154,43 @@ def segment(
             continue
         pred = predictor.predict_loaded(loaded, support_set, return_experts=True)
         result.mask_files.append(save_png(out_dir / f"{name}_mask.png", pred.mask * np.uint8(255)))
-        caption = f"{label}: {100 * float(pred.mask.mean()):.1f}% object"
+        result.overlays.append((overlay(pred.image, pred.mask), caption_for(label, pred)))
         if pred.fusion_weights:
-            caption += " (" + ", ".join(f"{k} {v:.2f}" for k, v in pred.fusion_weights.items()) + ")"
-        result.overlays.append((overlay(pred.image, pred.mask), caption))
+            result.details.append(f"{label}: {describe_weights(pred.fusion_weights)}")
     done, k = len(result.overlays), result.shots
     lines = [f"Segmented {done} image{'s' if done != 1 else ''} with {k} support{'s' if k != 1 else ''}."]
     lines += [f"Skipped {name}: {reason}" for name, reason in result.skipped]
     result.message = "\n\n".join(lines)
     return result
+
+
+def caption_for(label: str, pred) -> str:
+    """A query's caption in a user's words: how much of the picture is marked, or that nothing was found
+    (with the highest probability, so that a near miss can be told from a clear absence)."""
+    if pred.empty_support:
+        return f"{label}: nothing to look for (the supports mark no object)"
+    if not pred.mask.any():
+        top = float(pred.probability.max(initial=0.0))
+        return f"{label}: not found (highest probability {top:.2f}); try another or a second support"
+    return f"{label}: {100 * float(pred.mask.mean()):.1f}% of the picture marked"
+
+
+#: what each fusion member is, for a user
+_MEMBERS = {
+    "object": "trained experts",
+    "scenario": "trained experts",
+    "probe": "matching fitted to your supports",
+    "proto": "matching to your supports",
+}
+
+
+def describe_weights(weights: dict[str, float]) -> str:
+    """AWF's weights in a user's words: the trained experts' share and the matcher's, in percent."""
+    shares: dict[str, float] = {}
+    for name, w in weights.items():
+        key = _MEMBERS.get(name, name)
+        shares[key] = shares.get(key, 0.0) + float(w)
+    return ", ".join(f"{k} {100 * v:.0f} %" for k, v in shares.items())
 
 
 def build_app(predictor: Predictor, description: str = ""):
@@ -171,16 +201,8 @@ def build_app(predictor: Predictor, description: str = ""):
     lock = threading.Lock()  # one model, one episode at a time
 
     def run(count, query_files, *slots):
-        count = max(1, min(int(count or 1), MAX_SUPPORTS))
-        editors, mask_files = slots[0::2], slots[1::2]
-        supports = [(editors[i], _file_path(mask_files[i])) for i in range(count)]  # hidden slots ignored
-        out_dir = tempfile.mkdtemp(prefix="dedn-app-")
-        try:
-            with lock:
-                result = segment(predictor, supports, [_file_path(f) for f in (query_files or [])], out_dir)
-        except DednError as e:
-            raise gr.Error(str(e)) from None
-        return result.overlays, [str(p) for p in result.mask_files], result.message
+        with lock:
+            return page_run(predictor, count, query_files, *slots)
 
     def show(old: int, new: int):
         """Updates from ``old`` to ``new`` visible slots: the count, the slot columns (only the one that
@@ -251,6 +273,8 @@ def build_app(predictor: Predictor, description: str = ""):
         masks = gr.File(
             label="Masks (PNG, 0 = background, 255 = object)", file_count="multiple", elem_id="masks"
         )
+        with gr.Accordion("Details: what each mask leaned on", open=False, elem_id="details-toggle"):
+            details = gr.Markdown(elem_id="details")
         slot_outputs = [count, *columns, add_button, remove_button]
         # every click counts (a quick second click is not dropped while the first is finishing), one at a
         # time: the two buttons share one queue, so each reads the count the previous click left
@@ -266,8 +290,25 @@ def build_app(predictor: Predictor, description: str = ""):
                 concurrency_id="support-slots",
             )
         slots = [c for pair in zip(editors, masks_in, strict=True) for c in pair]
-        button.click(run, [count, queries, *slots], [gallery, masks, status], api_name="segment")
+        button.click(run, [count, queries, *slots], [gallery, masks, status, details], api_name="segment")
     return demo
+
+
+def page_run(predictor: Predictor, count: Any, query_files: Any, *slots: Any) -> tuple:
+    """What the page's Segment button does: the first ``count`` support slots (editor value, mask file)
+    and the query files -> (gallery, mask files, status, details). A user's mistake (no support, a mask of
+    the wrong size...) comes back as the status line, with nothing else shown: no exception reaches the
+    server, so its console prints no traceback for it."""
+    count = max(1, min(int(count or 1), MAX_SUPPORTS))
+    editors, mask_files = slots[0::2], slots[1::2]
+    supports = [(editors[i], _file_path(mask_files[i])) for i in range(count)]  # hidden slots ignored
+    out_dir = tempfile.mkdtemp(prefix="dedn-app-")
+    try:
+        result = segment(predictor, supports, [_file_path(f) for f in (query_files or [])], out_dir)
+    except DednError as e:
+        return [], [], f"**Could not segment:** {e}", ""
+    details = "\n".join(f"- {line}" for line in result.details) or "(one model: no fusion)"
+    return result.overlays, [str(p) for p in result.mask_files], result.message, details
 
 
 def _file_path(value: Any) -> Any:
