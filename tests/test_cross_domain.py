@@ -85,6 +85,12 @@ def test_labelmap_background_value_is_background_in_every_episode(tmp_path):
     cfg.labelmap.void, cfg.labelmap.background = [], [0]
     bench = build_benchmark(cfg)
     assert sorted({p.class_id for p in bench.split.test_pairs}) == [1, 2, 3]
+    # data.min_class_images: a class needs that many images, and at K shots also K + 1
+    cfg.min_class_images = 3
+    assert build_benchmark(cfg).split.novel == [1, 2, 3]  # every class is in the 3 test images
+    cfg.shots = 3
+    with pytest.raises(DataError, match="no class of the cross-domain set has 4 images"):
+        build_benchmark(cfg)
     from dedn.data.episodes import binarize
 
     mask = binarize(label, 3, 255)

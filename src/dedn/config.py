@@ -65,8 +65,9 @@ class DataConfig:
     #: keep | drop: training images that contain a novel class (standard protocol)
     novel_in_train: str = "keep"
     min_pixels: int = 2048
-    #: data.protocol = cross: classes with fewer images than this (each with min_pixels of the class) are
-    #: left out, neither scored nor drawn (0: every class; one with too few images is then an error)
+    #: data.protocol = cross: classes with fewer images than this (each with min_pixels of the class), or
+    #: than shots + 1, are left out, neither scored nor drawn (0: every class; one with too few images is
+    #: then an error)
     min_class_images: int = 0
     #: fraction of the training images held out for validation episodes (disjoint protocol)
     val_fraction: float = 0.1

@@ -127,7 +127,9 @@ def build_benchmark(cfg: DataConfig, progress: bool = False) -> Benchmark:
             raise ConfigError("data.protocol = cross has no training classes to hold out (data.val_classes)")
         test_counts = class_pixel_counts(test_source, progress=progress)
         classes = list(range(1, test_source.num_classes + 1))
-        split = cross_domain_split(test_counts, classes, min_pixels, cfg.min_class_images)
+        # with a minimum set, a class must also give a query and `shots` other images to form an episode
+        least = max(cfg.min_class_images, cfg.shots + 1) if cfg.min_class_images else 0
+        split = cross_domain_split(test_counts, classes, min_pixels, least)
         bench = Benchmark(cfg.benchmark, cfg.fold, test_source, test_source, split, convention)
         return _with_pair_list(bench, cfg, test_counts)
     if cfg.benchmark == "folders":
