@@ -71,10 +71,12 @@ class EpisodeRunner:
         self._scores: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._probes: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def _remember(self, key: tuple, scores: torch.Tensor) -> None:
-        self._scores[key] = scores
-        if len(self._scores) > self._max_scores:
-            self._scores.popitem(last=False)
+    def _remember(self, key: tuple, value, cache: OrderedDict | None = None) -> None:
+        """Keep ``value`` under ``key`` in ``cache`` (default: the support scores), oldest out first."""
+        cache = self._scores if cache is None else cache
+        cache[key] = value
+        if len(cache) > self._max_scores:
+            cache.popitem(last=False)
 
     def _self_scores(self, episode: Episode, sf: dict, masks: torch.Tensor) -> torch.Tensor:
         """AWF's (1, E) scores under ``model.fusion.support_pass = self``: each shot's score depends on
@@ -149,9 +151,7 @@ class EpisodeRunner:
         if cached is None and "support_scores" in out and awf:
             self._remember(key, out["support_scores"])
         if probe is None and "probe" in out:
-            self._probes[key] = out["probe"]
-            if len(self._probes) > self._max_scores:
-                self._probes.popitem(last=False)
+            self._remember(key, out["probe"], self._probes)
         prediction = self.prediction(out["logits"], label.shape[:2])
         target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
             self.device
