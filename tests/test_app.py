@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dedn.app import caption_for, describe_weights, editor_support, page_run, segment
+from dedn.app import caption_for, describe_weights, editor_support, page_run, segment, support_preview
 from dedn.errors import DataError
 from dedn.predict import Predictor
 from usage_helpers import make_checkpoint, save_rgb, scene
@@ -270,12 +270,18 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         for _ in range(8):
             stroke = stroke.move_by_offset(6, 1)
         stroke.release().perform()
+        wait.until(lambda d: "covers" in text("#support-note-1"))  # the painting, drawn as read
         painted_links, status = segment_and_wait(None)
         assert "with 1 support." in status
 
         # 2. upload the mask file (it takes precedence over the painting) and segment again
         upload("#support-mask-1", "mask")
         wait.until(lambda d: "support_mask.png" in text("#support-mask-1"))
+        # the support as the model reads it: the uploaded mask drawn over its picture, with its share
+        # (the painting was shown before: wait for the uploaded mask's share)
+        share = 100 * (np.asarray(Image.open(pictures["mask"])) > 0).mean()
+        wait.until(lambda d: f"the object covers {share:.1f}% of the picture" in text("#support-note-1"))
+        assert driver.find_elements(By.CSS_SELECTOR, "#support-preview-1 img")
         links, status = segment_and_wait(painted_links)
         assert "Segmented 2 images with 1 support." in status and "Skipped broken.jpg" in status
         assert set(links) == {"query1_mask.png", "query2_mask.png"}
@@ -419,3 +425,28 @@ def test_captions_and_details_are_in_a_users_words(predictor, pictures, tmp_path
         caption_for("q.png", Empty())
         == "q.png: not found (highest probability 0.31); try another or a second support"
     )
+
+
+def test_support_preview_draws_the_mask_over_its_picture_or_says_what_is_wrong(predictor, pictures):
+    """Each slot shows its support as the model reads it: the object drawn over the picture (so that a
+    mask that does not line up is seen before segmenting), or the message Segment would give."""
+    image = np.asarray(Image.open(pictures["support"]))
+    mask = np.asarray(Image.open(pictures["mask"])) > 0
+    shown, note = support_preview(predictor, 1, str(pictures["support"]), str(pictures["mask"]))
+    assert shown.shape == image.shape
+    changed = (shown != image).any(axis=2)
+    assert changed[mask].mean() > 0.99 and changed[~mask].mean() < 0.05  # drawn over the object only
+    assert note == f"Support 1: the object covers {100 * mask.mean():.1f}% of the picture"
+    painted = _painted(pictures["support"], pictures["mask"])
+    np.testing.assert_array_equal(support_preview(predictor, 1, painted)[0], shown)
+    # the wrong mask for this picture, a picture not yet painted, an empty slot
+    shown, note = support_preview(predictor, 2, str(pictures["support"]), str(pictures["mask2"]))
+    assert (
+        shown is None and note.startswith("**Support 2 cannot be used:** support 2: mask") and "90x90" in note
+    )
+    unpainted = dict(painted, layers=[])
+    assert support_preview(predictor, 1, unpainted) == (
+        None,
+        "Support 1: paint the object or upload its mask",
+    )
+    assert support_preview(predictor, 3, None) == (None, "")

@@ -1,11 +1,12 @@
 """A local web page for trying a trained model on your own pictures (``dedn app``).
 
 Upload one to five support images (*Add a support* / *Remove*) and, for each, paint the object on it or
-upload its mask; add one or more query images and press *Segment*: each query is segmented with all the
-supports (K-shot), the page shows it with the predicted object overlaid and offers the masks (PNG, 0/255)
-for download. Without ``--checkpoint`` the shipped model is loaded (:meth:`Predictor.from_pretrained`); the
-page says which model it runs. It runs on your machine only (``127.0.0.1`` by default) and needs the
-optional dependency gradio: ``pip install 'dedn[app]'``.
+upload its mask: the page shows each support as the model reads it, its object drawn over the picture,
+so that a mask that does not line up is seen at once. Add one or more query images and press *Segment*:
+each query is segmented with all the supports (K-shot), the page shows it with the predicted object
+overlaid and offers the masks (PNG, 0/255) for download. Without ``--checkpoint`` the shipped model is
+loaded (:meth:`Predictor.from_pretrained`); the page says which model it runs. It runs on your machine
+only (``127.0.0.1`` by default) and needs the optional dependency gradio: ``pip install 'dedn[app]'``.
 
 The work itself is in :func:`segment`, a plain function (tested without a browser); :func:`build_app`
 only lays out the page around it.
@@ -26,7 +27,15 @@ import numpy as np
 from dedn.errors import DataError, DednError
 from dedn.predict import Predictor, load_image, output_names, save_png
 
-__all__ = ["MAX_SUPPORTS", "AppResult", "build_app", "editor_support", "launch_app", "segment"]
+__all__ = [
+    "MAX_SUPPORTS",
+    "AppResult",
+    "build_app",
+    "editor_support",
+    "launch_app",
+    "segment",
+    "support_preview",
+]
 
 TITLE = "DEDN few-shot segmentation"
 #: support slots on the page
@@ -109,6 +118,32 @@ def _slot_support(
     if not (binary == 1).any():
         raise DataError(f"support {slot}: the mask marks no object pixel; paint the object or check the mask")
     return loaded.pixels, binary
+
+
+def support_preview(predictor: Predictor, slot: int, value: Any, mask: Any = None) -> tuple:
+    """What support slot ``slot`` (1-based) holds, as the model will read it: (its image with the object
+    drawn over it, a line in a user's words), so that a mask that does not line up with its picture (the
+    wrong file, a shifted or inverted mask) is seen before segmenting. An empty slot gives (None, "");
+    a mistake gives (None, the message that Segment would give)."""
+    from dedn.vis import SUPPORT_COLOR, overlay
+
+    if mask is None and isinstance(value, dict) and value.get("background") is not None:
+        try:
+            if editor_support(value)[1] is None:  # a picture not painted yet: not a mistake
+                return None, f"Support {slot}: paint the object or upload its mask"
+        except DataError:
+            pass  # _slot_support names the problem
+    try:
+        pair = _slot_support(predictor, slot, value, mask, None)
+    except DataError as e:
+        return None, f"**Support {slot} cannot be used:** {e}"
+    if pair is None:
+        return None, ""
+    image, binary = pair
+    share = 100 * float((binary == 1).mean())
+    return overlay(
+        image, binary, SUPPORT_COLOR
+    ), f"Support {slot}: the object covers {share:.1f}% of the picture"
 
 
 def segment(
@@ -233,7 +268,7 @@ def build_app(predictor: Predictor, description: str = ""):
         count = gr.State(1)
         with gr.Row():
             with gr.Column():
-                columns, editors, masks_in = [], [], []
+                columns, editors, masks_in, previews, notes = [], [], [], [], []
                 for i in range(1, MAX_SUPPORTS + 1):
                     with gr.Column(visible=i == 1, elem_id=f"support-slot-{i}") as column:
                         editors.append(
@@ -251,6 +286,17 @@ def build_app(predictor: Predictor, description: str = ""):
                                 elem_id=f"support-mask-{i}",
                             )
                         )
+                        # the support as the model reads it: its object drawn over the picture
+                        previews.append(
+                            gr.Image(
+                                label=f"Support {i} as read (object in blue)",
+                                interactive=False,
+                                format="png",
+                                height=200,
+                                elem_id=f"support-preview-{i}",
+                            )
+                        )
+                        notes.append(gr.Markdown(elem_id=f"support-note-{i}"))
                     columns.append(column)
                 with gr.Row():
                     add_button = gr.Button("Add a support", elem_id="add-support")
@@ -289,6 +335,16 @@ def build_app(predictor: Predictor, description: str = ""):
                 concurrency_limit=1,
                 concurrency_id="support-slots",
             )
+        for i, (editor, mask_in) in enumerate(zip(editors, masks_in, strict=True), start=1):
+            for component in (editor, mask_in):
+                component.change(
+                    lambda value, mask, slot=i: support_preview(predictor, slot, value, _file_path(mask)),
+                    [editor, mask_in],
+                    [previews[i - 1], notes[i - 1]],
+                    api_name=False,
+                    show_progress="hidden",
+                    trigger_mode="always_last",
+                )
         slots = [c for pair in zip(editors, masks_in, strict=True) for c in pair]
         button.click(run, [count, queries, *slots], [gallery, masks, status, details], api_name="segment")
     return demo
