@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dedn.config import LossConfig, ModelConfig
 from dedn.losses import dedn_loss, positive_guided_kl, prototype_contrast
@@ -744,3 +745,38 @@ def test_probe_settings_are_checked_and_test_time():
     saved, current = Config(), Config()
     current.model.fusion.matcher, current.model.fusion.probe.l2 = "probe", 0.5
     check_compatible(saved, current, "model.pt")
+
+
+def test_hard_score_is_the_iou_of_each_members_decision():
+    """fusion.score=hard: a member's score on a shot is the IoU of its mask (probability > 0.5) against
+    the shot's, whatever its confidence; soft scores of the same predictions are lower for a member that
+    is right but unsure."""
+    cfg = with_changes(ModelConfig(channels=16), **{"fusion__matcher": "proto", "fusion__score": "hard"})
+    model = FewShotSegmenter(cfg, ToyBackbone()).eval()
+    soft = FewShotSegmenter(with_changes(cfg, **{"fusion__score": "soft"}), ToyBackbone()).eval()
+    soft.load_state_dict(model.state_dict())
+    _, supports, masks, _ = episode(k=2)
+    feats = model.encode(supports.flatten(0, 1))
+    feats = {n: t.view(2, 2, *t.shape[1:]) for n, t in feats.items()}
+    hard_scores = model.shot_scores(feats, masks, (48, 48))
+    # the same numbers by hand: each member's leave-one-out decision against the shot's mask
+    grid = feats["mid"].shape[-2:]
+    for i in range(2):
+        rest = [1 - i]
+        pq = {n: t[:, i] for n, t in feats.items()}
+        ps = {n: t[:, rest] for n, t in feats.items()}
+        fg, bg = model._support_fractions(masks[:, rest], grid)
+        out = model._expert_outputs(pq, ps, fg, bg)
+        members = [*out["experts"].values(), model._matcher_logits(pq, ps, fg, bg)]
+        for e, logits in enumerate(members):
+            up = F.interpolate(logits, (48, 48), mode="bilinear", align_corners=False)
+            decision = up[:, 1] > up[:, 0]
+            target = masks[:, i] == 1
+            valid = masks[:, i] != 255
+            inter = (decision & target & valid).flatten(1).sum(1).float()
+            union = ((decision & valid) | target).flatten(1).sum(1).float()
+            assert torch.allclose(hard_scores[:, i, e], inter / union, atol=1e-6)
+    assert not torch.equal(hard_scores, soft.shot_scores(feats, masks, (48, 48)))
+    # a right but unsure prediction: soft IoU below 1, hard IoU 1
+    unsure = torch.stack([torch.zeros(1, 4, 4), (masks[:1, 0, :4, :4] == 1).float() * 0.4], dim=1)
+    assert model._scored(unsure).max() <= 1 and soft._scored(unsure).max() < 0.6

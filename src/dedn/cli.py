@@ -138,10 +138,20 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def _box_number(value: str, image: str) -> float:
+    from dedn.errors import DataError
+
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"--support-box {image}: {value!r} is not a number (X0 Y0 X1 Y1 in pixels)") from None
+
+
 def cmd_predict(args) -> int:
     from dedn.errors import DataError
     from dedn.predict import Predictor, find_images, predict_files
     from dedn.utils.io import check_dir
+    from dedn.weak import Box
 
     set_threads(args.threads)
     if not 0.0 < args.threshold < 1.0:
@@ -156,9 +166,14 @@ def cmd_predict(args) -> int:
     if args.method != "model":
         predictor = Predictor.training_free(args.method, predictor)
         print(f"dedn: method {args.method} (training-free; the backbone of the model above)", file=sys.stderr)
-    support_set = predictor.encode_supports(
-        [s[0] for s in args.support], [s[1] for s in args.support], mask_value=args.mask_value
-    )
+    images, masks = [s[0] for s in args.support], [s[1] for s in args.support]
+    for image, *corners in args.support_box:
+        images.append(image)
+        masks.append(Box(*(_box_number(v, image) for v in corners)))
+    if not images:
+        raise DataError("no support: give --support IMAGE MASK or --support-box IMAGE X0 Y0 X1 Y1")
+    predictor.box_refinement = args.box_refinement
+    support_set = predictor.encode_supports(images, masks, mask_value=args.mask_value)
     if support_set.empty:
         raise DataError("the support masks mark no object pixel (check --mask-value, or the masks)")
     for name, count in zip(support_set.names, support_set.foreground_pixels, strict=True):
@@ -341,9 +356,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--support",
         nargs=2,
         action="append",
-        required=True,
+        default=[],
         metavar=("IMAGE", "MASK"),
         help="a support image and its mask (repeat for K shots)",
+    )
+    p.add_argument(
+        "--support-box",
+        nargs=5,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "X0", "Y0", "X1", "Y1"),
+        help="a support image and a box around the object instead of a mask: pixels from the top-left "
+        "corner, x1 and y1 exclusive (repeatable; with --support, the masked supports come first)",
+    )
+    p.add_argument(
+        "--box-refinement",
+        choices=["probe", "none"],
+        default="probe",
+        help="how a --support-box becomes the support's mask: probe (the part of the box that the "
+        "picture's features separate from its outside; default) or none (the whole box)",
     )
     p.add_argument(
         "--query", nargs="+", required=True, metavar="PATH", help="query image(s) or folder(s) of images"

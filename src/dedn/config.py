@@ -178,6 +178,10 @@ class FusionConfig:
     #: once per (image, class) and reuses it in every episode where that support recurs. K = 1: the same.
     #: self scored 0.5 lower at 5 shots on PASCAL-5i and 0.3 on CamVid, 3.5x faster (docs/results.md)
     support_pass: str = "leave_one_out"
+    #: awf: how a member's prediction of a support shot is scored against the shot's mask: soft (soft IoU
+    #: of its foreground probability, which also rewards confidence) | hard (IoU of its decision,
+    #: probability > 0.5: what the member would output, however confident)
+    score: str = "soft"
     #: where a model scored at test time fuses its members (awf, cycle and mean): output (each member's
     #: logits upsampled to the network's output size, then softmax, support scores and fusion per output
     #: pixel) | grid (softmax, support scores against each cell's mask fraction, and fusion on the feature
@@ -427,6 +431,13 @@ class EvalConfig:
     #: PFENet's, BAM's and HSNet's evaluation code do). With 1,000 episodes per fold every class is scored
     #: in practice; "skip" is the default because a 0 would report a sampling gap as a model failure
     missing_class: str = "skip"
+    #: what each episode's supports are given as (``dedn.weak``): mask (the full mask) | box (the tight
+    #: box around the mask's object pixels) | scribble (one object and one background stroke drawn from
+    #: the mask by a seeded rule, the rest "ignore"); the query is scored against its full mask either way
+    support_annotation: str = "mask"
+    #: support_annotation = box: how the box becomes the support mask: none (the whole box is the object)
+    #: | probe (the part of the box that the support's frozen features separate from the outside)
+    box_refinement: str = "probe"
 
 
 @dataclass
@@ -463,11 +474,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion.train_mode": ("awf", "mean"),
     "model.fusion.matcher": ("none", "proto", "probe"),
     "model.fusion.support_pass": ("leave_one_out", "self"),
+    "model.fusion.score": ("soft", "hard"),
     "model.fusion.resolution": ("output", "grid"),
     "model.baseline.proto_matching": ("prototype", "nearest"),
     "model.hsnet.shot_mode": ("vote", "joint"),
     "loss.distill.mode": ("correct", "foreground", "off"),
     "eval.missing_class": ("skip", "zero"),
+    "eval.support_annotation": ("mask", "box", "scribble"),
+    "eval.box_refinement": ("none", "probe"),
 }
 
 #: integer settings and their smallest valid value (a 0 here would divide by zero or loop forever)

@@ -45,6 +45,7 @@ from dedn.data.transforms import PAD_RGB, TestTransform, restore_logits
 from dedn.engine.distributed import resolve_device
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.utils.io import make_dir
+from dedn.weak import Box, box_mask, box_support, check_box
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -478,6 +479,8 @@ class Predictor:
         self.fusion_members: list[str] = list(getattr(model, "fusion_members", self.expert_names))
         self.config = None  # the full run config when loaded from a checkpoint
         self.pretrained: str | None = None  # the shipped model's name (from_pretrained)
+        #: how a support given as a box becomes its mask (dedn.weak): probe | none
+        self.box_refinement = "probe"
 
     @classmethod
     def from_checkpoint(
@@ -547,16 +550,32 @@ class Predictor:
         return predictor
 
     # -------------------------------------------------------------------------------------- internals
+    def _box_support(self, high: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """A box's (S, S) mask in the network's square -> the support mask (``box_refinement``)."""
+        model = self.model
+        return box_support(
+            high.to(self.device),
+            box.to(self.device),
+            self.box_refinement,
+            model.fit_probe,
+            model._support_fractions,
+        ).cpu()
+
     def _encode(self, image: np.ndarray) -> dict[str, torch.Tensor]:
         tensor, _, _ = self.transform(image, None)
         feats = self.model.encode(tensor.unsqueeze(0).to(self.device))
         return {k: v[0] for k, v in feats.items()}
 
     def load_support(
-        self, image: ImageInput, mask: ImageInput, mask_value: int | None = None, index: int = 0
+        self, image: ImageInput, mask: ImageInput | Box, mask_value: int | None = None, index: int = 0
     ) -> tuple[LoadedImage, np.ndarray]:
-        """Decode one support: (its image, its {0, 1, 255} mask), checked to be the same size."""
+        """Decode one support: (its image, its {0, 1, 255} mask), checked to be the same size. A
+        :class:`~dedn.weak.Box` instead of a mask gives the box's mask (1 inside), checked to lie on the
+        image; :meth:`encode_supports` then refines it (``box_refinement``)."""
         img = load_image(image, _describe(image, f"support {index + 1} image"))
+        if isinstance(mask, Box):
+            box = check_box(mask, img.pixels.shape[:2], f"support {index + 1} box ({img.name})")
+            return img, box_mask(img.pixels.shape[:2], box)
         raw = load_mask(mask, _describe(mask, f"support {index + 1} mask"))
         _check_pair(img, raw)
         _check_not_swapped(img, raw)
@@ -568,7 +587,10 @@ class Predictor:
         support_masks: ImageInput | Sequence[ImageInput],
         mask_value: int | None = None,
     ) -> SupportSet:
-        """Decode, check and encode K supports and their masks (one item or lists of K)."""
+        """Decode, check and encode K supports and their masks (one item or lists of K). A mask may be a
+        :class:`~dedn.weak.Box`: the box is made into the support's mask as ``self.box_refinement`` says
+        (default ``probe``: the part of the box that the picture's frozen features separate from its
+        outside is the object, the rest of the box "ignore"; ``none``: the whole box)."""
         images, masks = _as_list(supports), _as_list(support_masks)
         if (
             len(images) > 1
@@ -588,6 +610,8 @@ class Predictor:
                 img, binary = self.load_support(image, mask, mask_value, i)
                 feats.append(self._encode(img.pixels))
                 _, tmask, _ = self.transform(None, binary)
+                if isinstance(mask, Box):
+                    tmask = self._box_support(feats[-1]["high"], tmask)
                 tmasks.append(tmask)
                 names.append(img.name)
                 counts.append(int((binary == 1).sum()))

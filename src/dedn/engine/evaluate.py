@@ -30,6 +30,7 @@ from dedn.errors import ConfigError, DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
 from dedn.utils.io import atomic_write_json, atomic_write_text
 from dedn.utils.machine import machine_info
+from dedn.weak import box_from_mask, box_mask, box_support, scribble_seed, scribbles_from_mask
 
 
 @dataclass
@@ -55,8 +56,14 @@ class EpisodeRunner:
         device: torch.device,
         cache: FeatureCache | None,
         pad_fill: tuple[float, float, float] | None = None,
+        annotation: str = "mask",
+        box_refinement: str = "probe",
+        seed: int = 0,
     ):
         self.model = model
+        # weak supports (dedn.weak): each support's box or scribbles are made from its mask
+        self.annotation, self.box_refinement, self.seed = annotation, box_refinement, seed
+        self._weak: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.source = source
         self.transform = TestTransform(size) if pad_fill is None else TestTransform(size, pad_fill)
         self.size = size
@@ -110,11 +117,32 @@ class EpisodeRunner:
     def _features(self, image_id: str):
         return self.encoder(image_id, lambda: self.transform(self.source.load_image(image_id))[0])
 
-    def support_masks(self, episode: Episode) -> torch.Tensor:
+    def support_masks(self, episode: Episode, features: dict | None = None) -> torch.Tensor:
+        """The episode's (1, K, S, S) support masks, given as ``annotation`` says (a box refined with the
+        support's ``features`` (1, K, C, h, w), the episode's support features)."""
         masks = []
-        for sid in episode.supports:
-            label = self.label(sid)
-            _, mask, _ = self.transform(None, binarize(label, episode.class_id, self.ignore))
+        for i, sid in enumerate(episode.supports):
+            key = (sid, episode.class_id)
+            if key in self._weak:
+                masks.append(self._weak[key])
+                continue
+            binary = binarize(self.label(sid), episode.class_id, self.ignore)
+            if self.annotation == "scribble":
+                binary = scribbles_from_mask(binary, scribble_seed(sid, episode.class_id, self.seed))
+            elif self.annotation == "box":
+                box = box_from_mask(binary)
+                binary = np.zeros_like(binary) if box is None else box_mask(binary.shape, box)
+            _, mask, _ = self.transform(None, binary)
+            if self.annotation == "box" and self.box_refinement != "none" and features is not None:
+                mask = box_support(
+                    features["high"][0, i],
+                    mask.to(self.device),
+                    self.box_refinement,
+                    self.model.fit_probe,
+                    self.model._support_fractions,
+                )
+            if self.annotation != "mask":  # made once per (image, class), reused in every episode
+                self._remember(key, mask, self._weak)
             masks.append(mask)
         return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
 
@@ -135,7 +163,7 @@ class EpisodeRunner:
         qf = {k: v.unsqueeze(0) for k, v in q.items()}
         sf = {k: torch.stack([f[k] for f in s]).unsqueeze(0) for k in q}
         key = (tuple(episode.supports), episode.class_id)
-        masks = self.support_masks(episode)
+        masks = self.support_masks(episode, sf)
         fusion = getattr(self.model.cfg, "fusion", None)
         awf = getattr(self.model, "method", "") == "dedn" and getattr(fusion, "mode", "") == "awf"
         if awf and len(episode.supports) > 1 and fusion.support_pass == "self":
@@ -186,6 +214,9 @@ def evaluate_episodes(
     expert_metrics: dict[str, FewShotIoU] | None = None,
     pad_fill: tuple[float, float, float] | None = None,
     class_ids: bool = False,
+    annotation: str = "mask",
+    box_refinement: str = "probe",
+    seed: int = 0,
 ) -> FewShotIoU:
     """Score ``episodes`` (this process's share of them) and return the metric, summed over processes.
 
@@ -194,9 +225,11 @@ def evaluate_episodes(
     no extra pass (``fusion=mean``, and ``fusion=gate`` for a model with a fusion gate). ``pad_fill``:
     the test images' padding colour (default: the ImageNet mean, as the feature store's; a different
     fill needs ``cache`` to be an in-memory cache, not the store). ``class_ids``: give the model each
-    episode's class (validation of BAM on base classes; never the test, whose classes are novel)."""
+    episode's class (validation of BAM on base classes; never the test, whose classes are novel).
+    ``annotation``, ``box_refinement``: how the supports are given (``eval.support_annotation``,
+    ``eval.box_refinement``); ``seed``: the episodes' seed, from which scribbles are drawn."""
     dist_info = dist_info or DistInfo()
-    runner = EpisodeRunner(model, source, size, device, cache, pad_fill)
+    runner = EpisodeRunner(model, source, size, device, cache, pad_fill, annotation, box_refinement, seed)
     metric = FewShotIoU(classes)
     model.eval()
     mine = range(dist_info.rank, len(episodes), dist_info.world_size)
@@ -292,6 +325,9 @@ def run_evaluation(
             desc=f"eval seed {seed}",
             on_episode=hook,
             expert_metrics=experts,
+            annotation=cfg.eval.support_annotation,
+            box_refinement=cfg.eval.box_refinement,
+            seed=seed,
         )
         result = metric.compute(cfg.eval.missing_class)
         result["seed"] = seed
@@ -322,6 +358,8 @@ def run_evaluation(
             # the store the features came from (its key names the number type: float16 stores differ)
             "feature_store": store.key if store is not None else None,
             "missing_class": cfg.eval.missing_class,
+            "support_annotation": cfg.eval.support_annotation,
+            "box_refinement": cfg.eval.box_refinement if cfg.eval.support_annotation == "box" else None,
             "pair_list": cfg.data.pair_list,
             "world_size": dist_info.world_size,
             "machine": machine_info(device),

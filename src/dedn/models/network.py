@@ -385,7 +385,8 @@ class FewShotSegmenter(nn.Module):
         return self.shot_scores(supports, support_masks, out_size).mean(dim=1)
 
     def shot_scores(self, supports: dict[str, Tensor], support_masks: Tensor, out_size) -> Tensor:
-        """Soft IoU of each fusion member on each shot: (B, K, E).
+        """IoU of each fusion member on each shot: (B, K, E); soft or of its decision
+        (``model.fusion.score``).
 
         K = 1, or ``model.fusion.support_pass = self``: shot k is fed as its own query, with itself as the
         only support. Otherwise leave-one-out: shot k is the query and the other K - 1 shots are its
@@ -423,15 +424,22 @@ class FewShotSegmenter(nn.Module):
                 own = (fg, bg) if alone else self._support_fractions(support_masks[:, i : i + 1], grid)
                 shot_fg, shot_bg = (x[:, 0, 0] for x in own)
                 scores = [
-                    soft_iou_fractions(x.softmax(dim=1)[:, 1], shot_fg, shot_bg)
-                    for x in out["experts"].values()
+                    soft_iou_fractions(self._scored(x), shot_fg, shot_bg) for x in out["experts"].values()
                 ]
             else:
                 out = self._upsample(out, out_size)
                 target = _resized(support_masks[:, i], out_size)
-                scores = [soft_iou(x.softmax(dim=1)[:, 1], target) for x in out["experts"].values()]
+                scores = [soft_iou(self._scored(x), target) for x in out["experts"].values()]
             per_shot.append(torch.stack(scores, 1))
         return torch.stack(per_shot, dim=1)  # (B, K, E)
+
+    def _scored(self, logits: Tensor) -> Tensor:
+        """A member's (B, 2, h, w) logits -> what AWF scores against the shot's mask (``fusion.score``):
+        its foreground probability (soft) or its decision, 1 where the probability is above 0.5 (hard;
+        ties go to background, as in the prediction)."""
+        if self.cfg.fusion.score == "hard":
+            return (logits[:, 1] > logits[:, 0]).to(logits.dtype)
+        return logits.softmax(dim=1)[:, 1]
 
     @torch.no_grad()
     def cycle_scores(
