@@ -11,7 +11,7 @@ from dedn.engine.evaluate import EpisodeRunner
 from dedn.errors import DataError
 from dedn.predict import Predictor
 from dedn.weak import Box, box_from_mask, box_mask, box_support, check_box, scribble_seed, scribbles_from_mask
-from usage_helpers import make_checkpoint, save_rgb, scene
+from usage_helpers import make_checkpoint, save_rgb, scene, toy_config
 
 
 @pytest.fixture(scope="module")
@@ -134,23 +134,12 @@ def test_cli_support_box(predictor, tmp_path, capsys):
 def test_evaluation_gives_each_support_as_a_box_or_scribbles(tmp_path):
     """eval.support_annotation: the episode runner hands the model the box's mask (refined or not) or
     the scribbles, made from each support's mask once per (image, class); the same every run."""
-    from dedn.config import load_config
     from dedn.data.episodes import binarize, sample_test_episodes
     from dedn.engine.benchmark import build_benchmark
     from dedn.models.network import FewShotSegmenter
 
-    cfg = load_config(
-        None,
-        [
-            "model.backbone=toy",
-            "model.weights=null",
-            "model.channels=16",
-            "data.image_size=64",
-            "data.synthetic.image_size=96",
-            "data.synthetic.images_per_class=6",
-            f"output_dir={tmp_path}",
-        ],
-    )
+    cfg = toy_config(64)
+    cfg.data.synthetic.image_size, cfg.data.synthetic.images_per_class = 96, 6
     bench = build_benchmark(cfg.data)
     torch.manual_seed(0)
     model = FewShotSegmenter(cfg.model).eval()
