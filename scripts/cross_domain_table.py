@@ -8,8 +8,8 @@ fusion of round 12, AWF with ``proto`` and per-pixel confidence weighting); each
 expert alone, plain averaging and the `probe` matcher from the same forward pass. ``proto`` and ``prior``
 do not depend on the fold and are scored once on a cross-domain set (once per fold on PASCAL-5i). The
 table is the mean over the fold models (mIoU, FB-IoU and per-class IoU, each first averaged over the seeds
-of a run), written to ``<out>/table.md`` and ``<out>/table.json``; a run whose ``results.json`` exists is
-not repeated.
+of a run), written to ``<out>/table.md`` and ``<out>/table.json`` (``--table NAME``: ``NAME.md``); a run
+whose ``results.json`` exists is not repeated.
 
     python scripts/cross_domain_table.py \
         --checkpoint "runs/pascal-table/models/method=dedn-fold{fold}/checkpoints/best.pt"
@@ -37,7 +37,15 @@ CONFIG = REPO / "configs" / "camvid_cross.yaml"
 TRAINING_FREE = ("proto", "prior")
 #: --matcher value -> (row name, extra settings)
 FUSIONS = {
-    "probe": ("dedn", ["model.fusion.matcher=probe", "model.fusion.confidence=false"]),
+    "probe": (
+        "dedn",
+        ["model.fusion.matcher=probe", "model.fusion.confidence=false", "model.fusion.score=hard"],
+    ),
+    # round 13's default: the same, each member scored by the soft IoU of its probabilities
+    "soft": (
+        "dedn (round 13: soft support scores)",
+        ["model.fusion.matcher=probe", "model.fusion.confidence=false", "model.fusion.score=soft"],
+    ),
     "proto": ("dedn (AWF + proto)", ["model.fusion.matcher=proto", "model.fusion.confidence=false"]),
     "none": ("dedn (AWF, experts only)", ["model.fusion.matcher=none", "model.fusion.confidence=false"]),
     # round 12's default: the matcher proto, each pixel weighted by each member's confidence
@@ -109,6 +117,9 @@ def main() -> None:
     parser.add_argument("--previous", action="store_true", help="also round 12's fusion (--matcher previous)")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--out", default=str(REPO / "runs" / "cross-domain"))
+    parser.add_argument(
+        "--table", default="table", help="name of the table files in --out (another subset of folds or rows)"
+    )
     parser.add_argument("--set", dest="extra", action="append", default=[], help="override for every run")
     args = parser.parse_args()
     out = Path(args.out)
@@ -157,8 +168,8 @@ def main() -> None:
     for row, r in rows.items():
         cells = " | ".join(f"{100 * r['class_iou'].get(c, float('nan')):.1f}" for c in classes)
         lines.append(f"| {row} | {100 * r['miou']:.1f} | {100 * r['fbiou']:.1f} | {cells} |")
-    atomic_write_json(out / "table.json", {"rows": rows, "seconds": seconds, "settings": vars(args)})
-    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / f"{args.table}.json", {"rows": rows, "seconds": seconds, "settings": vars(args)})
+    atomic_write_text(out / f"{args.table}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

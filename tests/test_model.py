@@ -744,6 +744,7 @@ def test_probe_settings_are_checked_and_test_time():
         load_config(None, ["model.fusion.probe.l2=-1"])
     saved, current = Config(), Config()
     current.model.fusion.matcher, current.model.fusion.probe.l2 = "probe", 0.5
+    current.model.fusion.score = "hard"  # how AWF scores its members: also a test-time setting
     check_compatible(saved, current, "model.pt")
 
 

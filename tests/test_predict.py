@@ -488,9 +488,11 @@ def test_the_probe_matcher_is_fitted_once_per_support_set(tmp_path, episode, mon
 
 def test_test_time_settings_replace_the_checkpoints_and_nothing_else(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    predictor = Predictor.from_checkpoint(ckpt, test_time={"model.fusion.matcher": "probe"})
+    predictor = Predictor.from_checkpoint(
+        ckpt, test_time={"model.fusion.matcher": "probe", "model.fusion.score": "hard"}
+    )
     assert predictor.fusion_members == ["object", "scenario", "probe"]
-    assert predictor.config.model.fusion.matcher == "probe"
+    assert predictor.config.model.fusion.matcher == "probe" and predictor.config.model.fusion.score == "hard"
     with pytest.raises(CheckpointError, match="model.channels is not a test-time setting"):
         Predictor.from_checkpoint(ckpt, test_time={"model.channels": 8})
 

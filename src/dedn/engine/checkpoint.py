@@ -30,6 +30,7 @@ _MODEL_KEYS_IGNORED = (
     "model.fusion.matcher",
     "model.fusion.support_pass",
     "model.fusion.resolution",
+    "model.fusion.score",
     "model.hsnet.shot_mode",
 )
 _MODEL_PREFIXES_IGNORED = ("model.baseline.", "model.fusion.probe.")
