@@ -69,6 +69,13 @@ def run_eval(config: Path, out: Path, sets: list[str], checkpoint: str | None = 
     return json.loads(results.read_text())
 
 
+def eval_seconds(run: Path, result: dict) -> float:
+    """The wall time of a run: times.json, or the evaluation's own figure (a run made outside this
+    script)."""
+    times = run / "times.json"
+    return json.loads(times.read_text())["eval_seconds"] if times.exists() else result["seconds"]
+
+
 def entries(result: dict, prefix: str) -> dict[str, dict]:
     """Row name -> summary of every method a results.json scored (the model and what came with it)."""
     method = result["method"]
@@ -114,6 +121,13 @@ def main() -> None:
     parser.add_argument(
         "--matcher", nargs="+", default=["probe"], choices=list(FUSIONS), help="the fusions to score"
     )
+    parser.add_argument(
+        "--training-free",
+        nargs="*",
+        default=list(TRAINING_FREE),
+        choices=list(TRAINING_FREE),
+        help="the training-free rows (default: proto prior; none: leave them out)",
+    )
     parser.add_argument("--previous", action="store_true", help="also round 12's fusion (--matcher previous)")
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--out", default=str(REPO / "runs" / "cross-domain"))
@@ -135,13 +149,13 @@ def main() -> None:
     cross = load_config(config).data.protocol == "cross"
     table: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
-    for method in TRAINING_FREE:
+    for method in args.training_free:
         for fold in [None] if cross else args.folds:  # on PASCAL-5i each fold has its own classes
             run = out / "eval" / (method if cross else f"{method}-fold{fold}")
             fold_set = [] if cross else [f"data.fold={fold}"]
             result = run_eval(config, run, [*common, *fold_set, f"model.method={method}"])
             table.setdefault(method, []).append(result["summary"])
-            seconds[run.name] = json.loads((run / "times.json").read_text())["eval_seconds"]
+            seconds[run.name] = eval_seconds(run, result)
     fusions = [*args.matcher, *(["previous"] if args.previous and "previous" not in args.matcher else [])]
     for matcher in fusions:
         name, settings = FUSIONS[matcher]
@@ -152,7 +166,7 @@ def main() -> None:
             result = run_eval(config, run, [*common, *fold_set, *settings], ckpt)
             for row, summary in entries(result, name).items():
                 table.setdefault(row, []).append(summary)
-            seconds[f"{name} fold {fold}"] = json.loads((run / "times.json").read_text())["eval_seconds"]
+            seconds[f"{name} fold {fold}"] = eval_seconds(run, result)
     rows = {row: mean_over(s) for row, s in table.items()}
     classes = sorted(next(iter(rows.values()))["class_iou"], key=int)
     data = load_config(config, common).data
