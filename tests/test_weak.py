@@ -10,7 +10,16 @@ from dedn.cli import main
 from dedn.engine.evaluate import EpisodeRunner
 from dedn.errors import DataError
 from dedn.predict import Predictor
-from dedn.weak import Box, box_from_mask, box_mask, box_support, check_box, scribble_seed, scribbles_from_mask
+from dedn.weak import (
+    Box,
+    box_from_mask,
+    box_mask,
+    box_support,
+    check_box,
+    equal_scores,
+    scribble_seed,
+    scribbles_from_mask,
+)
 from usage_helpers import make_checkpoint, save_rgb, scene, toy_config
 
 
@@ -155,7 +164,7 @@ def test_evaluation_gives_each_support_as_a_box_or_scribbles(tmp_path):
         return out, runner
 
     full, runner = masks("mask")
-    boxes, _ = masks("box", "none")
+    boxes, box_runner = masks("box", "none")
     refined, _ = masks("box")
     scribbles, _ = masks("scribble")
     for ep, m, b, r, s in zip(episodes, full, boxes, refined, scribbles, strict=True):
@@ -167,5 +176,29 @@ def test_evaluation_gives_each_support_as_a_box_or_scribbles(tmp_path):
         assert ((r == 1) <= (b == 1)).all() and torch.equal(r == 0, b == 0)  # refined inside the box
         assert ((s != 255) <= (m == s) | (m == 255)).all()  # scribbles agree with the mask
         assert (s == 255).float().mean() > 0.5
+    # with boxes the experts are averaged (no mask to score them against); with masks AWF weighs them
+    assert torch.equal(box_runner.run(episodes[0])[2]["fusion_weights"], torch.tensor([[0.5, 0.5]]))
+    assert not torch.equal(runner.run(episodes[0])[2]["fusion_weights"], torch.tensor([[0.5, 0.5]]))
     again, _ = masks("scribble")
     assert all(torch.equal(a, b) for a, b in zip(scribbles, again, strict=True))
+
+
+def test_with_a_box_dedn_averages_its_experts(tmp_path):
+    """A box is not the object's mask, so AWF has nothing to score its members against: with a box
+    support the two experts are averaged and the probe (fitted to the box) is left out; with masks only,
+    AWF weighs the three members as before."""
+    cfg = toy_config()
+    cfg.model.fusion.matcher, cfg.model.fusion.confidence = "probe", False
+    predictor = Predictor.from_checkpoint(make_checkpoint(tmp_path / "m.pt", cfg), device="cpu")
+    support, mask = scene(48, 64, (10, 12, 30, 40), seed=0)
+    query, _ = scene(40, 56, (5, 20, 30, 50), seed=1)
+    boxed = predictor.predict(query, support, Box(*box_from_mask(mask)), return_experts=True)
+    assert boxed.fusion_weights == {"object": 0.5, "scenario": 0.5, "probe": 0.0}
+    expected = (boxed.experts["object"] + boxed.experts["scenario"]) / 2
+    np.testing.assert_allclose(boxed.probability, expected, atol=1e-5)
+    masked = predictor.predict(query, support, mask, return_experts=True)
+    assert masked.fusion_weights["probe"] > 0 and masked.fusion_weights["object"] != 0.5
+    # a box among masks: the set has a box, so the same rule
+    two = predictor.predict(query, [support, support], [mask, Box(*box_from_mask(mask))], return_experts=True)
+    assert two.fusion_weights["probe"] == 0.0
+    assert equal_scores(Predictor.training_free("proto", predictor).model) is None

@@ -435,7 +435,8 @@ class EvalConfig:
     #: box around the mask's object pixels) | scribble (one object and one background stroke drawn from
     #: the mask by a seeded rule, the rest "ignore"); the query is scored against its full mask either way
     support_annotation: str = "mask"
-    #: support_annotation = box: how the box becomes the support mask: none (the whole box is the object)
+    #: support_annotation = box (DEDN then averages its two experts, dedn.weak.equal_scores): how the box
+    #: becomes the support mask: none (the whole box is the object)
     #: | probe (the part of the box that the support's frozen features separate from the outside)
     box_refinement: str = "probe"
 

@@ -45,7 +45,7 @@ from dedn.data.transforms import PAD_RGB, TestTransform, restore_logits
 from dedn.engine.distributed import resolve_device
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.utils.io import make_dir
-from dedn.weak import Box, box_mask, box_support, check_box
+from dedn.weak import Box, box_mask, box_support, check_box, equal_scores
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -421,6 +421,8 @@ class SupportSet:
     #: what the model computes from the supports alone (AWF's support scores, the probe's fit), kept after
     #: the first query so that the next ones do not pay for it again
     cache: dict = field(default_factory=dict, repr=False)
+    #: some support was given as a box: no mask to score AWF's members against, so the experts are averaged
+    boxes: bool = False
 
     @property
     def shots(self) -> int:
@@ -590,7 +592,9 @@ class Predictor:
         """Decode, check and encode K supports and their masks (one item or lists of K). A mask may be a
         :class:`~dedn.weak.Box`: the box is made into the support's mask as ``self.box_refinement`` says
         (default ``probe``: the part of the box that the picture's frozen features separate from its
-        outside is the object, the rest of the box "ignore"; ``none``: the whole box)."""
+        outside is the object, the rest of the box "ignore"; ``none``: the whole box), and DEDN's two
+        experts are then averaged: AWF would score its members against the box, which is not the
+        object's mask (:func:`dedn.weak.equal_scores`)."""
         images, masks = _as_list(supports), _as_list(support_masks)
         if (
             len(images) > 1
@@ -617,7 +621,12 @@ class Predictor:
                 counts.append(int((binary == 1).sum()))
         features = {k: torch.stack([f[k] for f in feats]).unsqueeze(0) for k in feats[0]}
         return SupportSet(
-            features, torch.stack(tmasks).unsqueeze(0).to(self.device), names, counts, self.image_size
+            features,
+            torch.stack(tmasks).unsqueeze(0).to(self.device),
+            names,
+            counts,
+            self.image_size,
+            boxes=any(isinstance(m, Box) for m in masks),
         )
 
     # -------------------------------------------------------------------------------------- prediction
@@ -661,6 +670,8 @@ class Predictor:
         size = (self.image_size, self.image_size)
         # per model: a support set may be shared by predictors of different models
         cache = support_set.cache.setdefault(id(self.model), {})
+        if support_set.boxes and "support_scores" not in cache:
+            cache["support_scores"] = equal_scores(self.model, self.device)
         out = self.model.forward_features(
             qf,
             support_set.features,

@@ -30,7 +30,14 @@ from dedn.errors import ConfigError, DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
 from dedn.utils.io import atomic_write_json, atomic_write_text
 from dedn.utils.machine import machine_info
-from dedn.weak import box_from_mask, box_mask, box_support, scribble_seed, scribbles_from_mask
+from dedn.weak import (
+    box_from_mask,
+    box_mask,
+    box_support,
+    equal_scores,
+    scribble_seed,
+    scribbles_from_mask,
+)
 
 
 @dataclass
@@ -166,7 +173,9 @@ class EpisodeRunner:
         masks = self.support_masks(episode, sf)
         fusion = getattr(self.model.cfg, "fusion", None)
         awf = getattr(self.model, "method", "") == "dedn" and getattr(fusion, "mode", "") == "awf"
-        if awf and len(episode.supports) > 1 and fusion.support_pass == "self":
+        if awf and self.annotation == "box":
+            cached = equal_scores(self.model, self.device)  # no mask to score the members against
+        elif awf and len(episode.supports) > 1 and fusion.support_pass == "self":
             cached = self._self_scores(episode, sf, masks)
         else:
             cached = self._scores.get(key)
