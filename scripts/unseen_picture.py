@@ -45,7 +45,8 @@ def main() -> None:
     bench = build_benchmark(cfg.data)
     model = load_trained_model(cfg, args.checkpoint, cpu)[0].eval()
     previous = copy.deepcopy(model)
-    previous.cfg.fusion.matcher, previous.cfg.fusion.confidence = "proto", True
+    fusion = previous.cfg.fusion
+    fusion.matcher, fusion.confidence, fusion.score = "proto", True, "soft"
     proto_cfg = copy.deepcopy(cfg.model)
     proto_cfg.method = "proto"
     proto = FewShotSegmenter(proto_cfg, model.backbone).eval()
