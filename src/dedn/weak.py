@@ -182,15 +182,9 @@ def box_support(
         object_like = (z > 0).to(inside.dtype).view_as(inside)
         fg, bg = inside * object_like, outside + inside * (1 - object_like)
     z = F.interpolate(z.view(1, 1, *grid), box.shape, mode="bilinear", align_corners=False)[0, 0]
-    return _keep(box, z > 0)
-
-
-def _keep(box: Tensor, object_like: Tensor) -> Tensor:
-    """The box's pixels that are ``object_like`` as object, the rest of the box "ignore"; the whole box
-    when fewer than MIN_KEPT of its pixels would be kept."""
-    kept = (box == 1) & object_like
+    kept = (box == 1) & (z > 0)
     if kept.sum() < MIN_KEPT * (box == 1).sum():
-        return box
+        return box  # too little kept to trust (a thin or tiny object): the whole box
     out = torch.where(box == 1, torch.full_like(box, IGNORE), box)
     out[kept] = 1
     return out
