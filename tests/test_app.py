@@ -206,6 +206,7 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
     from selenium.webdriver.support.ui import WebDriverWait
 
     from dedn.app import launch_app
+    from dedn.weak import Box, box_from_mask
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -312,6 +313,20 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         shot = tmp_path / "app.png"
         driver.save_screenshot(str(shot))  # the page with two supports and their results
 
+        # 3b. a class name on the second slot: two classes, one label map per query (value k = class k)
+        field = driver.find_element(By.CSS_SELECTOR, "#support-class-2 textarea, #support-class-2 input")
+        field.send_keys("dog")
+        class_links, status = segment_and_wait(two_links)
+        assert "2 classes: 1 object (red, 1 support), 2 dog (blue, 1 support)" in status
+        assert set(class_links) == {"query1_labels.png", "query2_labels.png"}
+        sets = {
+            "object": predictor.encode_supports(pictures["support"], pictures["mask"]),
+            "dog": predictor.encode_supports(pictures["support2"], pictures["mask2"]),
+        }
+        labels = predictor.predict_classes(pictures["query1"], sets).labels
+        np.testing.assert_array_equal(download(class_links["query1_labels.png"]), labels)
+        two_links = class_links
+
         # 4. a third slot shown and removed again, then the second: its pictures stay but are not used
         driver.find_element(By.CSS_SELECTOR, "#add-support").click()
         wait.until(lambda d: shown("#support-3"))
@@ -322,6 +337,19 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         again, status = segment_and_wait(two_links)
         assert "Segmented 2 images with 1 support." in status
         np.testing.assert_array_equal(download(again["query1_mask.png"]), one_shot * 255)
+
+        # 5. the first support's mask as a box, shown as read, then segmented with the training-free proto
+        driver.find_element(By.CSS_SELECTOR, "#support-box-1 input[type=checkbox]").click()
+        wait.until(lambda d: "a box from" in text("#support-note-1"))
+        for label in driver.find_elements(By.CSS_SELECTOR, "#method label"):
+            if label.text.startswith("proto"):
+                label.click()
+        boxed, status = segment_and_wait(again)
+        mask = np.asarray(Image.open(pictures["mask"])) > 0
+        box = Box(*box_from_mask(mask.astype(np.uint8)))
+        proto = Predictor.training_free("proto", predictor)
+        by_proto = proto.predict(pictures["query1"], pictures["support"], box).mask
+        np.testing.assert_array_equal(download(boxed["query1_mask.png"]), by_proto * 255)
         if os.environ.get("DEDN_SCREENSHOT_DIR"):  # to look at the page after the test
             target = Path(os.environ["DEDN_SCREENSHOT_DIR"])
             target.mkdir(parents=True, exist_ok=True)
@@ -392,14 +420,14 @@ def test_app_without_checkpoint_serves_the_shipped_model(balanced_ckpt, tmp_path
 def test_the_page_reports_a_users_mistake_as_its_status_without_an_exception(predictor, pictures):
     """Segment with no support, or a mask of the wrong size: the status line says what to fix and nothing
     else is shown; no exception leaves the handler (the server console prints no traceback)."""
-    gallery, masks, status, details = page_run(predictor, 1, [str(pictures["query1"])], None, None)
+    gallery, masks, status, details = page_run(predictor, 1, [str(pictures["query1"])], None, None, "", False)
     assert (gallery, masks, details) == (
         [],
         [],
         "",
     ) and status == "**Could not segment:** upload a support image first"
     _, _, status, _ = page_run(
-        predictor, 1, [str(pictures["query1"])], str(pictures["support"]), str(pictures["mask2"])
+        predictor, 1, [str(pictures["query1"])], str(pictures["support"]), str(pictures["mask2"]), "", False
     )
     assert status.startswith("**Could not segment:** support 1: mask") and "90x90" in status
 
@@ -409,7 +437,9 @@ def test_captions_and_details_are_in_a_users_words(predictor, pictures, tmp_path
     probability); the fusion weights are summed into the trained experts' and the matcher's shares, behind
     the page's Details toggle."""
     editor = _painted(pictures["support"], pictures["mask"])
-    gallery, masks, status, details = page_run(predictor, 1, [str(pictures["query1"])], editor, None)
+    gallery, masks, status, details = page_run(
+        predictor, 1, [str(pictures["query1"])], editor, None, "", False
+    )
     assert len(gallery) == 1 and "% of the picture marked" in gallery[0][1] and "Segmented 1 image" in status
     assert details.startswith("- query1.png: trained experts ") and details.endswith(" %")
     assert describe_weights({"object": 0.25, "scenario": 0.25, "probe": 0.5}) == (
@@ -450,3 +480,49 @@ def test_support_preview_draws_the_mask_over_its_picture_or_says_what_is_wrong(p
         "Support 1: paint the object or upload its mask",
     )
     assert support_preview(predictor, 3, None) == (None, "")
+
+
+def test_several_classes_box_supports_and_the_method_on_the_page(predictor, pictures, tmp_path):
+    """Slots with two class names give one label map per query, equal to Predictor.predict_classes; a
+    slot ticked as a box gives the box around what it marks (as --support-box); the method choice runs
+    the training-free matcher."""
+    from dedn.weak import Box, box_from_mask
+
+    query = str(pictures["query1"])
+    cat = (str(pictures["support"]), str(pictures["mask"]), "cat")
+    dog = (_painted(pictures["support2"], pictures["mask2"]), None, "dog")
+    result = segment(predictor, [cat, dog], [query], tmp_path / "two")
+    assert [p.name for p in result.mask_files] == ["query1_labels.png"] and result.classes == ["cat", "dog"]
+    assert "2 classes: 1 cat (red, 1 support), 2 dog (blue, 1 support)" in result.message
+    sets = {
+        "cat": predictor.encode_supports(pictures["support"], pictures["mask"]),
+        "dog": predictor.encode_supports(pictures["support2"], pictures["mask2"]),
+    }
+    expected = predictor.predict_classes(query, sets).labels
+    assert set(np.unique(expected)) == {0, 1, 2}  # both classes claim pixels: the merge is exercised
+    np.testing.assert_array_equal(_written(result.mask_files[0]), expected)
+    assert (
+        result.overlays[0][1].startswith("query1.png: cat (red) ") and "dog (blue)" in result.overlays[0][1]
+    )
+    # two slots of one name are two shots of one class; an unnamed slot is "object"
+    same = segment(predictor, [cat, (*dog[:2], "cat")], [query], tmp_path / "same")
+    assert same.classes == ["cat"] and same.shots == 2 and same.mask_files[0].name == "query1_mask.png"
+    # a box: the box around the mask is the support
+    mask = _written(pictures["mask"]) // 255
+    boxed = segment(
+        predictor, [(str(pictures["support"]), str(pictures["mask"]), "", True)], [query], tmp_path / "b"
+    )
+    by_box = predictor.predict(query, pictures["support"], Box(*box_from_mask(mask))).mask
+    np.testing.assert_array_equal(_written(boxed.mask_files[0]), by_box * 255)
+    shown, note = support_preview(predictor, 1, str(pictures["support"]), str(pictures["mask"]), box=True)
+    x0, y0, x1, y1 = box_from_mask(mask)
+    assert note.startswith(f"Support 1: a box from ({x0}, {y0}) to ({x1}, {y1})")
+    changed = (shown != _written(pictures["support"])).any(axis=2)
+    assert changed[y0:y1, x0:x1].mean() > 0.99 and not changed[:y0].any()
+    # the method: proto on the model's backbone
+    slots = [str(pictures["support"]), str(pictures["mask"]), "", False]
+    _, files, status, details = page_run(predictor, 1, [query], *slots, method="proto")
+    proto = Predictor.training_free("proto", predictor)
+    by_proto = proto.predict(query, pictures["support"], pictures["mask"]).mask
+    np.testing.assert_array_equal(_written(Path(files[0])), by_proto * 255)
+    assert details == "(proto: training-free, no fusion)" and "Segmented 1 image" in status

@@ -4,8 +4,12 @@ Upload one to five support images (*Add a support* / *Remove*) and, for each, pa
 upload its mask: the page shows each support as the model reads it, its object drawn over the picture,
 so that a mask that does not line up is seen at once. Add one or more query images and press *Segment*:
 each query is segmented with all the supports (K-shot), the page shows it with the predicted object
-overlaid and offers the masks (PNG, 0/255) for download. Without ``--checkpoint`` the shipped model is
-loaded (:meth:`Predictor.from_pretrained`); the page says which model it runs. It runs on your machine
+overlaid and offers the masks (PNG, 0/255) for download. A support may instead mark a rough region and
+be ticked as *a box* (the box around it is the support, refined as ``dedn predict --support-box`` does);
+supports may be given class names, and two or more names find those classes at once (one label map per
+query). The method can be the trained model or a training-free matcher on its backbone. Without
+``--checkpoint`` the shipped model is loaded (:meth:`Predictor.from_pretrained`); the page says which
+model it runs. It runs on your machine
 only (``127.0.0.1`` by default) and needs the optional dependency gradio: ``pip install 'dedn[app]'``.
 
 The work itself is in :func:`segment`, a plain function (tested without a browser); :func:`build_app`
@@ -25,11 +29,15 @@ from typing import Any
 import numpy as np
 
 from dedn.errors import DataError, DednError
-from dedn.predict import Predictor, load_image, output_names, save_png
+from dedn.predict import Predictor, load_image, output_names, save_labels, save_png
+from dedn.weak import Box, box_from_mask, box_mask
 
 __all__ = [
     "MAX_SUPPORTS",
+    "METHODS",
+    "SLOT_INPUTS",
     "AppResult",
+    "Slot",
     "build_app",
     "editor_support",
     "launch_app",
@@ -55,6 +63,8 @@ class AppResult:
     shots: int = 0
     #: per query, what the fusion leaned on, in a user's words (the page shows them behind "Details")
     details: list[str] = field(default_factory=list)
+    #: the classes looked for, in label order (one: "object" unless named)
+    classes: list[str] = field(default_factory=list)
 
 
 def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -92,10 +102,35 @@ def editor_support(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     return background, None if painted is None else painted.astype(np.uint8)
 
 
+@dataclass
+class Slot:
+    """What one support slot of the page holds."""
+
+    #: a path, an array, or the image editor's value (then the painting is the mask unless ``mask`` is set)
+    image: Any = None
+    #: a mask file / array, or None
+    mask: Any = None
+    #: the class this support shows (slots with the same name are K shots of one class; "" = "object")
+    class_name: str = ""
+    #: the painting (or mask) only marks where the object is: its bounding box is the support
+    #: (a :class:`~dedn.weak.Box`, refined as ``dedn predict --support-box`` does)
+    box: bool = False
+
+    @classmethod
+    def of(cls, value: Any) -> Slot:
+        """A Slot from a Slot or a tuple (image, mask[, class name[, box]])."""
+        return value if isinstance(value, Slot) else cls(*value)
+
+    @property
+    def label(self) -> str:
+        return (self.class_name or "").strip() or "object"
+
+
 def _slot_support(
-    predictor: Predictor, slot: int, value: Any, mask: Any, mask_value: int | None
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """One support slot (1-based ``slot``) -> (RGB image, {0, 1, 255} mask), or None for an empty slot."""
+    predictor: Predictor, slot: int, value: Any, mask: Any, mask_value: int | None, box: bool = False
+) -> tuple[np.ndarray, np.ndarray | Box] | None:
+    """One support slot (1-based ``slot``) -> (RGB image, {0, 1, 255} mask, or with ``box`` the
+    :class:`~dedn.weak.Box` around what it marks), or None for an empty slot."""
     image, painted = value, None
     if isinstance(value, dict):
         try:
@@ -117,14 +152,19 @@ def _slot_support(
         raise DataError(prefix + message) from None
     if not (binary == 1).any():
         raise DataError(f"support {slot}: the mask marks no object pixel; paint the object or check the mask")
+    if box:
+        return loaded.pixels, Box(*box_from_mask(binary))
     return loaded.pixels, binary
 
 
-def support_preview(predictor: Predictor, slot: int, value: Any, mask: Any = None) -> tuple:
+def support_preview(
+    predictor: Predictor, slot: int, value: Any, mask: Any = None, box: bool = False
+) -> tuple:
     """What support slot ``slot`` (1-based) holds, as the model will read it: (its image with the object
     drawn over it, a line in a user's words), so that a mask that does not line up with its picture (the
-    wrong file, a shifted or inverted mask) is seen before segmenting. An empty slot gives (None, "");
-    a mistake gives (None, the message that Segment would give)."""
+    wrong file, a shifted or inverted mask) is seen before segmenting. With ``box``, the box around what
+    the slot marks. An empty slot gives (None, ""); a mistake gives (None, the message that Segment would
+    give)."""
     from dedn.vis import SUPPORT_COLOR, overlay
 
     if mask is None and isinstance(value, dict) and value.get("background") is not None:
@@ -134,50 +174,75 @@ def support_preview(predictor: Predictor, slot: int, value: Any, mask: Any = Non
         except DataError:
             pass  # _slot_support names the problem
     try:
-        pair = _slot_support(predictor, slot, value, mask, None)
+        pair = _slot_support(predictor, slot, value, mask, None, box)
     except DataError as e:
         return None, f"**Support {slot} cannot be used:** {e}"
     if pair is None:
         return None, ""
     image, binary = pair
+    if isinstance(binary, Box):
+        x0, y0, x1, y1 = (int(v) for v in (binary.x0, binary.y0, binary.x1, binary.y1))
+        return overlay(image, box_mask(image.shape[:2], (x0, y0, x1, y1)), SUPPORT_COLOR), (
+            f"Support {slot}: a box from ({x0}, {y0}) to ({x1}, {y1}); the model takes the part of it that "
+            "stands out from its surroundings"
+        )
     share = 100 * float((binary == 1).mean())
     return overlay(
         image, binary, SUPPORT_COLOR
     ), f"Support {slot}: the object covers {share:.1f}% of the picture"
 
 
+#: the page's choice of method -> ``dedn predict --method``
+METHODS = {
+    "The trained model": "model",
+    "proto (training-free matching)": "proto",
+    "prior (training-free, PFENet's prior)": "prior",
+}
+
+
 def segment(
     predictor: Predictor,
-    supports: Sequence[tuple[Any, Any]],
+    supports: Sequence[Slot | tuple],
     queries: Sequence[Any] | None,
     out_dir: str | os.PathLike,
     mask_value: int | None = None,
+    method: str = "model",
 ) -> AppResult:
     """Segment each query with all the given supports (K-shot); write ``<name>_mask.png`` into ``out_dir``.
 
-    ``supports``: one ``(image, mask)`` pair per slot, where ``image`` is a path, an array or an
-    image-editor value (then the painting gives the mask unless ``mask`` is given) and ``mask`` a path /
-    array or None. Slots without an image are skipped; errors name the slot (``support 2: ...``).
-    ``queries``: paths or arrays; unreadable ones are listed in ``skipped`` and the others still segmented.
+    ``supports``: one :class:`Slot` (or tuple ``(image, mask[, class name[, box]])``) per slot, where
+    ``image`` is a path, an array or an image-editor value (then the painting gives the mask unless
+    ``mask`` is given) and ``mask`` a path / array or None. Slots without an image are skipped; errors
+    name the slot (``support 2: ...``). Slots of two or more class names make several classes at once
+    (:meth:`Predictor.predict_classes`): ``<name>_labels.png`` (value k = the k-th class, 0 background)
+    instead of the mask. ``queries``: paths or arrays; unreadable ones are listed in ``skipped`` and the
+    others still segmented. ``method``: model (``predictor``'s), proto or prior (training-free, on its
+    backbone).
     """
-    from dedn.vis import overlay
+    from dedn.vis import color_name, overlay, overlay_labels
 
-    pairs = []
-    for slot, (value, mask) in enumerate(supports or [], start=1):
-        pair = _slot_support(predictor, slot, value, mask, mask_value)
+    classes: dict[str, list] = {}
+    for slot, item in enumerate(supports or [], start=1):
+        item = Slot.of(item)
+        pair = _slot_support(predictor, slot, item.image, item.mask, mask_value, item.box)
         if pair is not None:
-            pairs.append(pair)
-    if not pairs:
+            classes.setdefault(item.label, []).append(pair)
+    if not classes:
         raise DataError("upload a support image first")
     paths = [q for q in (queries or []) if q is not None]
     if not paths:
         raise DataError("upload at least one query image")
+    if method != "model":
+        predictor = Predictor.training_free(method, predictor)
     # the slots are decoded and checked above: their {0, 1, 255} masks are read back unchanged
-    support_set = predictor.encode_supports([p[0] for p in pairs], [p[1] for p in pairs])
+    sets = {
+        name: predictor.encode_supports([p[0] for p in pairs], [p[1] for p in pairs])
+        for name, pairs in classes.items()
+    }
     files = [Path(q) for q in paths if isinstance(q, str | os.PathLike)]
     names = iter(output_names(files))
     out_dir = Path(out_dir)
-    result = AppResult(shots=support_set.shots)
+    result = AppResult(shots=sum(s.shots for s in sets.values()), classes=list(sets))
     for i, query in enumerate(paths):
         is_file = isinstance(query, str | os.PathLike)
         name = next(names) if is_file else f"query_{i + 1}"
@@ -187,16 +252,38 @@ def segment(
         except DataError as e:
             result.skipped.append((label, str(e)))
             continue
-        pred = predictor.predict_loaded(loaded, support_set, return_experts=True)
+        if len(sets) > 1:
+            found = predictor.predict_classes_loaded(loaded, sets)
+            result.mask_files.append(save_labels(out_dir / f"{name}_labels.png", found.labels, len(sets)))
+            result.overlays.append((overlay_labels(found.image, found.labels), classes_caption(label, found)))
+            continue
+        pred = predictor.predict_loaded(loaded, next(iter(sets.values())), return_experts=True)
         result.mask_files.append(save_png(out_dir / f"{name}_mask.png", pred.mask * np.uint8(255)))
         result.overlays.append((overlay(pred.image, pred.mask), caption_for(label, pred)))
         if pred.fusion_weights:
             result.details.append(f"{label}: {describe_weights(pred.fusion_weights)}")
     done, k = len(result.overlays), result.shots
     lines = [f"Segmented {done} image{'s' if done != 1 else ''} with {k} support{'s' if k != 1 else ''}."]
+    if len(sets) > 1:
+        legend = ", ".join(
+            f"{n} {name} ({color_name(n)}, {sets[name].shots} support{'s' if sets[name].shots != 1 else ''})"
+            for n, name in enumerate(sets, start=1)
+        )
+        lines[0] = lines[0][:-1] + f", {len(sets)} classes: {legend}."
     lines += [f"Skipped {name}: {reason}" for name, reason in result.skipped]
     result.message = "\n\n".join(lines)
     return result
+
+
+def classes_caption(label: str, found) -> str:
+    """A query's caption when several classes are looked for: each class's share of the picture."""
+    from dedn.vis import color_name
+
+    parts = []
+    for k, name in enumerate(found.class_names, start=1):
+        share = 100 * float((found.labels == k).mean())
+        parts.append(f"{name} ({color_name(k)}) {share:.1f}%" if share > 0 else f"{name} not found")
+    return f"{label}: " + ", ".join(parts)
 
 
 def caption_for(label: str, pred) -> str:
@@ -235,9 +322,9 @@ def build_app(predictor: Predictor, description: str = ""):
 
     lock = threading.Lock()  # one model, one episode at a time
 
-    def run(count, query_files, *slots):
+    def run(count, method, query_files, *slots):
         with lock:
-            return page_run(predictor, count, query_files, *slots)
+            return page_run(predictor, count, query_files, *slots, method=METHODS.get(method, "model"))
 
     def show(old: int, new: int):
         """Updates from ``old`` to ``new`` visible slots: the count, the slot columns (only the one that
@@ -262,13 +349,16 @@ def build_app(predictor: Predictor, description: str = ""):
             "1. Upload a **support** image and paint over the object with the brush, *or* upload its mask "
             "(white or any single value on black, or a palette PNG). **Add a support** for up to "
             f"{MAX_SUPPORTS} examples of the same object: each query is segmented with all of them.\n"
+            "Instead of the exact outline, you may mark a rough region and tick **a box**: the box around "
+            "what you marked is the support. To find **several classes** at once, name each support's "
+            "class (supports with the same name are examples of one class).\n"
             "2. Upload one or more **query** images and press **Segment**: the object is found in each "
             "query; the masks can be downloaded below." + (f"\n\n{description}" if description else "")
         )
         count = gr.State(1)
         with gr.Row():
             with gr.Column():
-                columns, editors, masks_in, previews, notes = [], [], [], [], []
+                columns, editors, masks_in, previews, notes, names, boxes = [], [], [], [], [], [], []
                 for i in range(1, MAX_SUPPORTS + 1):
                     with gr.Column(visible=i == 1, elem_id=f"support-slot-{i}") as column:
                         editors.append(
@@ -286,6 +376,21 @@ def build_app(predictor: Predictor, description: str = ""):
                                 elem_id=f"support-mask-{i}",
                             )
                         )
+                        with gr.Row():
+                            names.append(
+                                gr.Textbox(
+                                    label="Class (optional)",
+                                    placeholder="object",
+                                    max_lines=1,
+                                    elem_id=f"support-class-{i}",
+                                )
+                            )
+                            boxes.append(
+                                gr.Checkbox(
+                                    label="A box: the box around what I marked",
+                                    elem_id=f"support-box-{i}",
+                                )
+                            )
                         # the support as the model reads it: its object drawn over the picture
                         previews.append(
                             gr.Image(
@@ -305,6 +410,9 @@ def build_app(predictor: Predictor, description: str = ""):
                 queries = gr.File(
                     label="Query images", file_count="multiple", file_types=["image"], elem_id="queries"
                 )
+                method = gr.Radio(
+                    choices=list(METHODS), value=next(iter(METHODS)), label="Method", elem_id="method"
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="run")
                 status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(
@@ -317,7 +425,9 @@ def build_app(predictor: Predictor, description: str = ""):
             format="png",
         )
         masks = gr.File(
-            label="Masks (PNG, 0 = background, 255 = object)", file_count="multiple", elem_id="masks"
+            label="Masks (PNG, 0 = background, 255 = object; with several classes, value k = class k)",
+            file_count="multiple",
+            elem_id="masks",
         )
         with gr.Accordion("Details: what each mask leaned on", open=False, elem_id="details-toggle"):
             details = gr.Markdown(elem_id="details")
@@ -335,35 +445,51 @@ def build_app(predictor: Predictor, description: str = ""):
                 concurrency_limit=1,
                 concurrency_id="support-slots",
             )
-        for i, (editor, mask_in) in enumerate(zip(editors, masks_in, strict=True), start=1):
-            for component in (editor, mask_in):
+        for i, (editor, mask_in, box) in enumerate(zip(editors, masks_in, boxes, strict=True), start=1):
+            for component in (editor, mask_in, box):
                 component.change(
-                    lambda value, mask, slot=i: support_preview(predictor, slot, value, _file_path(mask)),
-                    [editor, mask_in],
+                    lambda value, mask, as_box, slot=i: support_preview(
+                        predictor, slot, value, _file_path(mask), bool(as_box)
+                    ),
+                    [editor, mask_in, box],
                     [previews[i - 1], notes[i - 1]],
                     api_name=False,
                     show_progress="hidden",
                     trigger_mode="always_last",
                 )
-        slots = [c for pair in zip(editors, masks_in, strict=True) for c in pair]
-        button.click(run, [count, queries, *slots], [gallery, masks, status, details], api_name="segment")
+        slots = [c for group in zip(editors, masks_in, names, boxes, strict=True) for c in group]
+        button.click(
+            run, [count, method, queries, *slots], [gallery, masks, status, details], api_name="segment"
+        )
     return demo
 
 
-def page_run(predictor: Predictor, count: Any, query_files: Any, *slots: Any) -> tuple:
-    """What the page's Segment button does: the first ``count`` support slots (editor value, mask file)
-    and the query files -> (gallery, mask files, status, details). A user's mistake (no support, a mask of
-    the wrong size...) comes back as the status line, with nothing else shown: no exception reaches the
-    server, so its console prints no traceback for it."""
+#: inputs per support slot on the page: image editor, mask file, class name, box checkbox
+SLOT_INPUTS = 4
+
+
+def page_run(predictor: Predictor, count: Any, query_files: Any, *slots: Any, method: str = "model") -> tuple:
+    """What the page's Segment button does: the first ``count`` support slots (editor value, mask file,
+    class name, box; :data:`SLOT_INPUTS` values each) and the query files -> (gallery, mask files, status,
+    details). A user's mistake (no support, a mask of the wrong size...) comes back as the status line,
+    with nothing else shown: no exception reaches the server, so its console prints no traceback for it."""
     count = max(1, min(int(count or 1), MAX_SUPPORTS))
-    editors, mask_files = slots[0::2], slots[1::2]
-    supports = [(editors[i], _file_path(mask_files[i])) for i in range(count)]  # hidden slots ignored
+    groups = [slots[i : i + SLOT_INPUTS] for i in range(0, len(slots), SLOT_INPUTS)]
+    supports = [  # hidden slots ignored
+        Slot(editor, _file_path(mask), name or "", bool(box)) for editor, mask, name, box in groups[:count]
+    ]
     out_dir = tempfile.mkdtemp(prefix="dedn-app-")
     try:
-        result = segment(predictor, supports, [_file_path(f) for f in (query_files or [])], out_dir)
+        queries = [_file_path(f) for f in (query_files or [])]
+        result = segment(predictor, supports, queries, out_dir, method=method)
     except DednError as e:
         return [], [], f"**Could not segment:** {e}", ""
-    details = "\n".join(f"- {line}" for line in result.details) or "(one model: no fusion)"
+    if len(result.classes) > 1:
+        details = "(several classes: each is found as on its own, and a pixel goes to the likeliest)"
+    elif method != "model":
+        details = f"({method}: training-free, no fusion)"
+    else:
+        details = "\n".join(f"- {line}" for line in result.details) or "(one model: no fusion)"
     return result.overlays, [str(p) for p in result.mask_files], result.message, details
 
 

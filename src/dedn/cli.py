@@ -114,7 +114,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-_PREDICT_OUTPUTS = ("_mask.png", "_overlay.jpg")
+_PREDICT_OUTPUTS = ("_mask.png", "_labels.png", "_overlay.jpg")
 
 
 def default_threads() -> int:
@@ -151,7 +151,6 @@ def cmd_predict(args) -> int:
     from dedn.errors import DataError
     from dedn.predict import Predictor, find_images, predict_files
     from dedn.utils.io import check_dir
-    from dedn.weak import Box
 
     set_threads(args.threads)
     if not 0.0 < args.threshold < 1.0:
@@ -162,26 +161,29 @@ def cmd_predict(args) -> int:
     queries = [q for q in queries if not (q.resolve().parent == out and q.name.endswith(_PREDICT_OUTPUTS))]
     if not queries:
         raise DataError(f"no image files found in {', '.join(args.query)}")
+    groups = _support_groups(args.supports_in_order)
     predictor = _predictor(args)
     if args.method != "model":
         predictor = Predictor.training_free(args.method, predictor)
         print(f"dedn: method {args.method} (training-free; the backbone of the model above)", file=sys.stderr)
-    images, masks = [s[0] for s in args.support], [s[1] for s in args.support]
-    for image, *corners in args.support_box:
-        images.append(image)
-        masks.append(Box(*(_box_number(v, image) for v in corners)))
-    if not images:
-        raise DataError("no support: give --support IMAGE MASK or --support-box IMAGE X0 Y0 X1 Y1")
     predictor.box_refinement = args.box_refinement
-    support_set = predictor.encode_supports(images, masks, mask_value=args.mask_value)
-    if support_set.empty:
-        raise DataError("the support masks mark no object pixel (check --mask-value, or the masks)")
-    for name, count in zip(support_set.names, support_set.foreground_pixels, strict=True):
-        if count == 0:
-            print(f"dedn: warning: the mask of support {name} marks no object pixel", file=sys.stderr)
+    support_sets = {}
+    for cls, items in groups.items():
+        images, masks = [image for image, _ in items], [mask for _, mask in items]
+        of = f" of class {cls}" if len(groups) > 1 else ""
+        support_set = predictor.encode_supports(images, masks, mask_value=args.mask_value)
+        if support_set.empty:
+            raise DataError(f"the support masks{of} mark no object pixel (check --mask-value, or the masks)")
+        for name, count in zip(support_set.names, support_set.foreground_pixels, strict=True):
+            if count == 0:
+                print(f"dedn: warning: the mask of support {name}{of} marks no object pixel", file=sys.stderr)
+        support_sets[cls] = support_set
+    if len(support_sets) > 1:
+        legend = ", ".join(f"{k} {cls}" for k, cls in enumerate(support_sets, start=1))
+        print(f"dedn: {len(support_sets)} classes, label values: 0 background, {legend}", file=sys.stderr)
     summary = predict_files(
         predictor,
-        support_set,
+        support_sets,
         queries,
         Path(args.out),
         progress=not args.quiet,
@@ -191,6 +193,49 @@ def cmd_predict(args) -> int:
     print(summary.format())
     print(f"masks and overlays in {args.out}")
     return 1 if summary.skipped else 0
+
+
+class _InOrder(argparse.Action):
+    """Keeps --class, --support and --support-box in the order given (``supports_in_order``), so that a
+    --class applies to the supports after it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "supports_in_order", None) or [])
+        items.append((self.dest, values))
+        namespace.supports_in_order = items
+
+
+def _support_groups(items) -> dict[str, list]:
+    """(option, values) in command-line order -> {class name: [(image, mask or Box)]}: the supports after
+    each --class NAME are that class's; without --class every support is one class, "object"."""
+    from dedn.errors import DataError
+    from dedn.weak import Box
+
+    groups: dict[str, list] = {}
+    current = None
+    for option, values in items or []:
+        if option == "class_name":
+            if values in groups:
+                raise DataError(f"--class {values} is given twice; give all its supports after one --class")
+            current = values
+            groups[current] = []
+            continue
+        if current is None:
+            if any(option == "class_name" for option, _ in items):
+                raise DataError("give --class NAME before the supports of that class")
+            current = "object"
+            groups[current] = []
+        if option == "support":
+            groups[current].append((values[0], values[1]))
+        else:
+            image, *corners = values
+            groups[current].append((image, Box(*(_box_number(v, image) for v in corners))))
+    if not groups:
+        raise DataError("no support: give --support IMAGE MASK or --support-box IMAGE X0 Y0 X1 Y1")
+    empty = [name for name, supports in groups.items() if not supports]
+    if empty:
+        raise DataError(f"--class {empty[0]} has no support after it (--support or --support-box)")
+    return groups
 
 
 def _predictor(args):
@@ -355,19 +400,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--support",
         nargs=2,
-        action="append",
-        default=[],
+        action=_InOrder,
         metavar=("IMAGE", "MASK"),
         help="a support image and its mask (repeat for K shots)",
     )
     p.add_argument(
         "--support-box",
         nargs=5,
-        action="append",
-        default=[],
+        action=_InOrder,
         metavar=("IMAGE", "X0", "Y0", "X1", "Y1"),
         help="a support image and a box around the object instead of a mask: pixels from the top-left "
-        "corner, x1 and y1 exclusive (repeatable; with --support, the masked supports come first)",
+        "corner, x1 and y1 exclusive (repeatable, in any order with --support)",
+    )
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        action=_InOrder,
+        metavar="NAME",
+        help="several classes at once: the supports after --class NAME are that class's (repeat per "
+        "class); writes <name>_labels.png, value k = the k-th class, 0 background",
     )
     p.add_argument(
         "--box-refinement",
@@ -403,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads (default: half the cores, 1 to 4; more can be much slower on a busy machine)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, supports_in_order=[])
 
     # each expert keeps its own reduction layer, there is no fusion gate: score with AWF, cycle or mean
     p = sub.add_parser(

@@ -439,6 +439,10 @@ class EvalConfig:
     #: becomes the support mask: none (the whole box is the object)
     #: | probe (the part of the box that the support's frozen features separate from the outside)
     box_refinement: str = "probe"
+    #: classes per episode (PANet's N-way protocol, dedn.data.episodes.add_ways): 1 = the field's one-way
+    #: episodes; N > 1: each one-way episode of the seed's file with N - 1 other novel classes and their
+    #: supports, the N answers merged into one label map and scored per class on it
+    ways: int = 1
 
 
 @dataclass
@@ -665,6 +669,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.augment.scale = {scale}; expected [low, high] with 0 < low <= high")
     if cfg.data.shots < 1:
         raise ConfigError(f"data.shots = {cfg.data.shots}; expected at least 1")
+    if cfg.eval.ways < 1:
+        raise ConfigError(f"eval.ways = {cfg.eval.ways}; expected at least 1 (1: one-way episodes)")
     if cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size = {cfg.data.image_size}; expected at least 32")
     if cfg.model.method == "dedn" and not (cfg.model.object.enabled and cfg.model.scenario.enabled):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from dedn.weak import Box, box_mask, box_support, check_box, equal_scores
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderSummary",
+    "LabelPrediction",
     "LoadedImage",
     "Prediction",
     "Predictor",
@@ -452,6 +453,26 @@ class Prediction:
     empty_support: bool = False
 
 
+@dataclass
+class LabelPrediction:
+    """Several classes found in one query (:meth:`Predictor.predict_classes`), at its original size."""
+
+    #: (H, W) uint8: 0 background, k the k-th class of ``class_names``
+    labels: np.ndarray
+    class_names: list[str]
+    #: (N, H, W) float32: each class's foreground probability, as if it had been asked for alone
+    probabilities: np.ndarray
+    #: (H, W, 3) uint8 RGB query
+    image: np.ndarray
+    name: str
+
+    def mask(self, class_name: str) -> np.ndarray:
+        """(H, W) uint8, 1 where ``class_name`` won the pixel."""
+        if class_name not in self.class_names:
+            raise KeyError(f"{class_name!r} is not one of the classes {self.class_names}")
+        return (self.labels == self.class_names.index(class_name) + 1).astype(np.uint8)
+
+
 def _as_list(x: Any) -> list:
     if isinstance(x, list | tuple):
         return list(x)
@@ -667,6 +688,78 @@ class Predictor:
         """:meth:`predict` for an already decoded query (:func:`load_image`) and encoded supports."""
         hw = q.pixels.shape[:2]
         qf = {k: v.unsqueeze(0) for k, v in self._encode(q.pixels).items()}
+        out, probability, scaled = self._forward(qf, support_set, hw)
+        result = Prediction(
+            mask=(probability > 0.5).to(torch.uint8).cpu().numpy(),
+            probability=probability.cpu().numpy().astype(np.float32),
+            image=q.pixels,
+            name=q.name,
+            empty_support=bool(out["empty_support"][0]),
+        )
+        if return_experts:
+            result.experts = {
+                name: restore_logits(logits.float(), scaled, hw).softmax(dim=1)[0, 1].cpu().numpy()
+                for name, logits in out.get("experts", {}).items()
+            }
+            if "fusion_weights" in out:
+                weights = out["fusion_weights"][0].tolist()
+                result.fusion_weights = dict(zip(self.fusion_members, weights, strict=True))
+        return result
+
+    @torch.no_grad()
+    def predict_classes(
+        self,
+        query: ImageInput,
+        support_sets: Mapping[str, SupportSet],
+        threshold: float = 0.5,
+    ) -> LabelPrediction:
+        """Segment several classes at once: ``support_sets`` maps each class's name to its encoded
+        supports (:meth:`encode_supports`). The query is encoded once; each class is found as on its own
+        (one pass of the heads per class), and a pixel goes to the class of highest probability among
+        those above ``threshold``, else to the background (0). Returns a :class:`LabelPrediction`."""
+        q = load_image(query, _describe(query, "query"))
+        return self.predict_classes_loaded(q, support_sets, threshold)
+
+    @torch.no_grad()
+    def predict_classes_loaded(
+        self, q: LoadedImage, support_sets: Mapping[str, SupportSet], threshold: float = 0.5
+    ) -> LabelPrediction:
+        """:meth:`predict_classes` for an already decoded query."""
+        if not support_sets:
+            raise DataError("no class given: support_sets is empty")
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold {threshold}: expected a probability strictly between 0 and 1")
+        for name, support_set in support_sets.items():
+            if not isinstance(support_set, SupportSet):
+                raise DataError(
+                    f"class {name!r}: expected a SupportSet (Predictor.encode_supports), got "
+                    f"{type(support_set).__name__}"
+                )
+            if support_set.empty:
+                raise DataError(f"class {name!r}: its support masks mark no object pixel")
+            if support_set.image_size != self.image_size:
+                raise DataError(
+                    f"class {name!r}: its supports were encoded at size {support_set.image_size}, the "
+                    f"predictor runs at {self.image_size}"
+                )
+        hw = q.pixels.shape[:2]
+        qf = {k: v.unsqueeze(0) for k, v in self._encode(q.pixels).items()}
+        probabilities = torch.stack([self._forward(qf, s, hw)[1] for s in support_sets.values()])
+        best, index = probabilities.max(dim=0)
+        labels = torch.where(best > threshold, index + 1, torch.zeros_like(index))
+        return LabelPrediction(
+            labels=labels.to(torch.uint8).cpu().numpy(),
+            class_names=list(support_sets),
+            probabilities=probabilities.cpu().numpy().astype(np.float32),
+            image=q.pixels,
+            name=q.name,
+        )
+
+    def _forward(
+        self, qf: dict[str, torch.Tensor], support_set: SupportSet, hw: tuple[int, int]
+    ) -> tuple[dict, torch.Tensor, tuple[int, int]]:
+        """One pass of the heads for an encoded query: (the model's outputs, the (H, W) foreground
+        probability at the query's size, the query's scaled size in the network's square)."""
         size = (self.image_size, self.image_size)
         # per model: a support set may be shared by predictors of different models
         cache = support_set.cache.setdefault(id(self.model), {})
@@ -684,22 +777,7 @@ class Predictor:
         scaled = self.transform.scaled_hw(hw)
         # The logits are restored exactly as in evaluation, so the mask equals what `dedn eval` scores.
         probability = restore_logits(out["logits"].float(), scaled, hw).softmax(dim=1)[0, 1]
-        result = Prediction(
-            mask=(probability > 0.5).to(torch.uint8).cpu().numpy(),
-            probability=probability.cpu().numpy().astype(np.float32),
-            image=q.pixels,
-            name=q.name,
-            empty_support=bool(out["empty_support"][0]),
-        )
-        if return_experts:
-            result.experts = {
-                name: restore_logits(logits.float(), scaled, hw).softmax(dim=1)[0, 1].cpu().numpy()
-                for name, logits in out.get("experts", {}).items()
-            }
-            if "fusion_weights" in out:
-                weights = out["fusion_weights"][0].tolist()
-                result.fusion_weights = dict(zip(self.fusion_members, weights, strict=True))
-        return result
+        return out, probability, scaled
 
 
 # ------------------------------------------------------------------------------------------ folders/files
@@ -812,9 +890,20 @@ def save_jpeg(path: Path, array: np.ndarray, quality: int = 90) -> Path:
     return atomic_write(path, lambda f: image.save(f, format="JPEG", quality=quality))
 
 
+def save_labels(path: Path, labels: np.ndarray, classes: int) -> Path:
+    """A label map as a palette PNG: pixel value k = class k (0 background), shown in each class's
+    overlay colour by image viewers."""
+    from dedn.utils.io import atomic_write
+    from dedn.vis import label_palette
+
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(label_palette(classes))
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
 def predict_files(
     predictor: Predictor,
-    support_set: SupportSet,
+    support_set: SupportSet | Mapping[str, SupportSet],
     queries: Sequence[Path],
     out_dir: Path,
     progress: bool = True,
@@ -824,13 +913,21 @@ def predict_files(
 ) -> FolderSummary:
     """Segment every query file, writing ``<name>_mask.png`` (0/255) and ``<name>_overlay.jpg``.
 
+    With several classes (``support_set`` a mapping of class names to support sets, more than one):
+    ``<name>_labels.png`` instead of the mask, a palette PNG whose value k is the k-th class
+    (:meth:`Predictor.predict_classes`), and the overlay in one colour per class.
+
     ``threshold``: the foreground probability above which a pixel is the object (0.5: the model's own
     decision). A query that cannot be read is reported (``report``, default: stderr) and skipped; the
     others go on. A query whose mask comes back empty is reported with its highest probability.
     """
     from tqdm import tqdm
 
-    from dedn.vis import overlay
+    from dedn.vis import overlay, overlay_labels
+
+    classes = dict(support_set) if isinstance(support_set, Mapping) else None
+    if classes is not None and len(classes) == 1:
+        support_set, classes = next(iter(classes.values())), None
 
     out_dir = Path(out_dir)
     make_dir(out_dir, "--out folder")
@@ -854,6 +951,22 @@ def predict_files(
         except DataError as e:
             summary.skipped.append((path, str(e)))
             say(f"skipped {path}: {e}")
+            continue
+        if classes is not None:
+            found = predictor.predict_classes_loaded(query, classes, threshold)
+            if not found.labels.any():
+                tops = ", ".join(
+                    f"{c} {float(p.max(initial=0.0)):.2f}"
+                    for c, p in zip(found.class_names, found.probabilities, strict=True)
+                )
+                summary.empty.append((path, float(found.probabilities.max(initial=0.0))))
+                say(f"no class found in {path} (highest probabilities: {tops}; threshold {threshold})")
+            labels_path = save_labels(out_dir / f"{name}_labels.png", found.labels, len(classes))
+            overlay_path = save_jpeg(
+                out_dir / f"{name}_overlay.jpg", overlay_labels(found.image, found.labels)
+            )
+            summary.done.append(path)
+            summary.outputs.append((labels_path, overlay_path))
             continue
         result = predictor.predict_loaded(query, support_set, return_experts=False)
         mask = (result.probability > threshold).astype(np.uint8)

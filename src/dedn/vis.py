@@ -107,6 +107,37 @@ def overlay(
     return np.round(out).astype(np.uint8)
 
 
+def class_color(k: int) -> tuple[int, int, int]:
+    """The colour of class ``k`` (1, 2, ...) in label-map overlays and palettes: the prediction red
+    first, then the series colours."""
+    colors = [PREDICTION_COLOR, *SERIES_COLORS[:3], *SERIES_COLORS[4:]]
+    return tuple(colors[(k - 1) % len(colors)])
+
+
+_COLOR_NAMES = ["red", "blue", "orange", "green", "purple", "brown", "pink", "grey", "olive", "cyan"]
+
+
+def color_name(k: int) -> str:
+    """The name of :func:`class_color` ``k``, for legends."""
+    return _COLOR_NAMES[(k - 1) % len(_COLOR_NAMES)]
+
+
+def overlay_labels(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """:func:`overlay` of each class of a label map ((H, W), 0 background, k = class k) in its colour."""
+    out = image
+    for k in (int(v) for v in np.unique(labels) if v != 0):
+        out = overlay(out, (labels == k).astype(np.uint8), class_color(k), alpha)
+    return out
+
+
+def label_palette(n: int) -> list[int]:
+    """A PNG palette (flat RGB list) for a label map of ``n`` classes: 0 black, k :func:`class_color`."""
+    flat = [0, 0, 0]
+    for k in range(1, n + 1):
+        flat += list(class_color(k))
+    return flat
+
+
 def mask_iou(prediction: np.ndarray, truth: np.ndarray) -> float | None:
     """Foreground IoU of a 0/1 prediction against a {0, 1, 255} truth (255 left out); None if both empty."""
     valid = truth != IGNORE_INDEX

@@ -101,6 +101,49 @@ def sample_test_episodes(
     return episodes
 
 
+def add_ways(
+    episodes: Sequence[Episode],
+    pairs: Sequence[Pair],
+    ways: int,
+    seed: int,
+    class_names: Sequence[str] | None = None,
+) -> list[tuple[Episode, ...]]:
+    """N-way episodes (PANet's protocol, Wang et al., ICCV 2019): each one-way episode of ``episodes`` is
+    the first way; ``ways - 1`` other classes of ``pairs`` (the fold's novel pairs) are drawn for it,
+    uniformly and distinct, each with K supports of its own (images with an eligible pair of that class,
+    never the query). The query need not show the other classes: where it does, their pixels are their
+    class's target; where it does not, every pixel given to them is a false positive.
+
+    Way ``w`` of episode ``j`` is a pure function of ``(seed, j)`` and the pairs, so the N-way episodes of a
+    one-way episode file are always the same, and their first ways are exactly the one-way episodes.
+    """
+    if ways < 1:
+        raise DataError(f"ways={ways}; expected at least 1")
+    pool = pairs_by_class(pairs)
+    out = []
+    for j, first in enumerate(episodes):
+        shots = len(first.supports)
+        # classes with K images besides the query (the query itself may hold a pair of that class)
+        usable = [
+            c for c, ims in pool.items() if c != first.class_id and len(set(ims) - {first.query}) >= shots
+        ]
+        if len(usable) < ways - 1:
+            raise DataError(
+                f"{ways}-way episodes need {ways - 1} other class(es) with {shots} image(s) besides the "
+                f"query {first.query!r} of {_class_label(first.class_id, class_names)}; "
+                f"{len(usable)} have them"
+            )
+        rng = np.random.default_rng([int(seed), j, ways])
+        chosen = [usable[int(i)] for i in rng.choice(len(usable), size=ways - 1, replace=False)]
+        episode = [first]
+        for c in chosen:
+            images = pool[c]
+            skip = images.index(first.query) if first.query in images else -1
+            episode.append(Episode(first.query, c, _choose_others(images, skip, shots, rng)))
+        out.append(tuple(episode))
+    return out
+
+
 def sample_train_episode(
     pairs_by_class: Mapping[int, Sequence[str]],
     shots: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from dedn.config import Config, to_dict
-from dedn.data.episodes import Episode, binarize, read_episodes, sample_test_episodes, write_episodes
+from dedn.data.episodes import (
+    Episode,
+    add_ways,
+    binarize,
+    read_episodes,
+    sample_test_episodes,
+    write_episodes,
+)
 from dedn.data.index import ignore_value
 from dedn.data.transforms import TestTransform, restore_logits
 from dedn.engine.benchmark import Benchmark, build_benchmark
@@ -153,6 +160,12 @@ class EpisodeRunner:
             masks.append(mask)
         return torch.stack(masks).unsqueeze(0).to(self.device)  # (1, K, S, S)
 
+    def margin(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """(1, 2, S, S) network logits -> (H, W) foreground minus background logit at the original label
+        size ``hw`` (> 0: the object)."""
+        restored = restore_logits(logits, self.transform.scaled_hw(hw), hw)
+        return restored[0, 1] - restored[0, 0]
+
     def prediction(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """(1, 2, S, S) network logits -> (H, W) {0, 1} at the original label size ``hw``."""
         restored = restore_logits(logits, self.transform.scaled_hw(hw), hw)
@@ -160,10 +173,21 @@ class EpisodeRunner:
         # reduction (ties go to background, as with argmax)
         return (restored[0, 1] > restored[0, 0]).long()
 
+    def target(self, label: np.ndarray, class_id: int) -> torch.Tensor:
+        """The episode's (H, W) {0, 1, 255} target for ``class_id`` in the query's ``label``."""
+        return torch.from_numpy(binarize(label, class_id, self.ignore).astype(np.int64)).to(self.device)
+
     @torch.no_grad()
     def run(self, episode: Episode, class_ids: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> prediction (H, W), target (H, W) at the query's original label size, model outputs.
         ``class_ids``: give the model the episode's class (BAM's validation on base classes only)."""
+        label, out = self.forward(episode, class_ids)
+        prediction = self.prediction(out["logits"], label.shape[:2])
+        return prediction, self.target(label, episode.class_id), out
+
+    @torch.no_grad()
+    def forward(self, episode: Episode, class_ids: bool = False) -> tuple[np.ndarray, dict]:
+        """-> the query's label map and the model's outputs for ``episode``."""
         label = self.label(episode.query)
         q = self._features(episode.query)
         s = [self._features(sid) for sid in episode.supports]
@@ -189,11 +213,7 @@ class EpisodeRunner:
             self._remember(key, out["support_scores"])
         if probe is None and "probe" in out:
             self._remember(key, out["probe"], self._probes)
-        prediction = self.prediction(out["logits"], label.shape[:2])
-        target = torch.from_numpy(binarize(label, episode.class_id, self.ignore).astype(np.int64)).to(
-            self.device
-        )
-        return prediction, target, out
+        return label, out
 
 
 def other_fusions(out: dict) -> dict[str, torch.Tensor]:
@@ -260,11 +280,79 @@ def evaluate_episodes(
     return metric
 
 
+def label_map(margins: Sequence[torch.Tensor]) -> torch.Tensor:
+    """N classes' (H, W) foreground margins (their one-way decisions: > 0) -> one (H, W) label map: 0
+    where no class claims the pixel, else the number (1..N) of the class with the largest margin, which
+    is the class of highest foreground probability. Every pixel keeps its one-way answer unless two
+    classes claim it."""
+    stacked = torch.stack(list(margins))
+    best, index = stacked.max(dim=0)
+    return torch.where(best > 0, index + 1, torch.zeros_like(index))
+
+
+def evaluate_nway_episodes(
+    model,
+    source,
+    episodes: Sequence[tuple[Episode, ...]],
+    classes: list[int],
+    size: int,
+    device: torch.device,
+    cache: FeatureCache | None = None,
+    dist_info: DistInfo | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+    annotation: str = "mask",
+    box_refinement: str = "probe",
+    seed: int = 0,
+) -> tuple[FewShotIoU, FewShotIoU, dict[str, float]]:
+    """Score N-way episodes (:func:`dedn.data.episodes.add_ways`): each way is one one-way pass of the
+    model (the query's features are encoded once and shared), and the N answers are merged into one label
+    map (:func:`label_map`). Each class of an episode is scored on the label map, pixels of that class's
+    number against that class's pixels in the query (PANet's N-way mIoU). Returns (the N-way metric, the
+    metric of the N one-way answers on the same episodes, each class scored on its own mask, and the
+    seconds spent in the passes and in the merge)."""
+    dist_info = dist_info or DistInfo()
+    runner = EpisodeRunner(model, source, size, device, cache, None, annotation, box_refinement, seed)
+    nway, oneway = FewShotIoU(classes), FewShotIoU(classes)
+    seconds = {"passes": 0.0, "merge": 0.0}
+    model.eval()
+    mine = range(dist_info.rank, len(episodes), dist_info.world_size)
+    for i in tqdm(mine, desc=desc, disable=not (progress and dist_info.is_main), leave=False):
+        start = time.perf_counter()
+        margins, targets = [], []
+        for way in episodes[i]:
+            label, out = runner.forward(way)
+            hw = label.shape[:2]
+            margins.append(runner.margin(out["logits"], hw))
+            targets.append(runner.target(label, way.class_id))
+        middle = time.perf_counter()
+        labels = label_map(margins)
+        seconds["merge"] += time.perf_counter() - middle
+        seconds["passes"] += middle - start
+        for k, (way, margin, target) in enumerate(zip(episodes[i], margins, targets, strict=True)):
+            nway.update((labels == k + 1).long(), target, way.class_id)
+            oneway.update((margin > 0).long(), target, way.class_id)
+    nway.all_reduce()
+    oneway.all_reduce()
+    return nway, oneway, seconds
+
+
 def episode_file(cfg: Config, bench: Benchmark, seed: int, episodes: int, output_dir: Path) -> Path:
     folder = Path(cfg.eval.episode_dir) if cfg.eval.episode_dir else output_dir / "episodes"
     pairs = f"-pairs{bench.pair_list[:8]}" if bench.pair_list else ""
     name = f"{bench.name}-fold{bench.fold}-{cfg.data.shots}shot-seed{seed}-n{episodes}{pairs}.json"
     return folder / name
+
+
+def _check_agrees(path: Path, meta: dict, expected: dict) -> None:
+    """An episode file's meta must agree with the run's settings, else it is another run's file."""
+    clash = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if clash:
+        detail = ", ".join(f"{k}: file {a!r}, run {b!r}" for k, (a, b) in clash.items())
+        raise DataError(
+            f"episode file {path} was made for other settings ({detail}); delete it or point "
+            "eval.episode_dir elsewhere"
+        )
 
 
 def load_or_make_episodes(
@@ -280,14 +368,30 @@ def load_or_make_episodes(
     barrier(dist_info)
     episodes, meta = read_episodes(path)
     expected = bench.episode_meta(shots=cfg.data.shots, seed=seed, n=n)
-    clash = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if clash:
-        detail = ", ".join(f"{k}: file {a!r}, run {b!r}" for k, (a, b) in clash.items())
-        raise DataError(
-            f"episode file {path} was made for other settings ({detail}); delete it or point "
-            "eval.episode_dir elsewhere"
-        )
+    _check_agrees(path, meta, expected)
     return episodes
+
+
+def load_or_make_nway(
+    cfg: Config, bench: Benchmark, seed: int, path: Path, dist_info: DistInfo
+) -> list[tuple[Episode, ...]]:
+    """The seed's N-way episodes (``eval.ways``): the one-way episode file's episodes, each with the other
+    ways drawn by :func:`~dedn.data.episodes.add_ways`, written (one line per way, the ways of an episode
+    together) next to it so that a result can be traced to its episodes."""
+    from dedn.engine.distributed import barrier
+
+    ways, n = cfg.eval.ways, cfg.eval.episodes
+    target = path.with_name(f"{path.stem}-{ways}way{path.suffix}")
+    expected = {**bench.episode_meta(shots=cfg.data.shots, seed=seed, n=n * ways), "ways": ways}
+    if not target.exists() and dist_info.is_main:
+        first = load_or_make_episodes(cfg, bench, seed, path, DistInfo())
+        names = bench.test_source.class_names
+        episodes = add_ways(first, bench.split.test_pairs, ways, seed, names)
+        write_episodes(target, [way for episode in episodes for way in episode], expected)
+    barrier(dist_info)
+    flat, meta = read_episodes(target)
+    _check_agrees(target, meta, expected)
+    return [tuple(flat[i : i + ways]) for i in range(0, len(flat), ways)]
 
 
 def run_evaluation(
@@ -316,27 +420,42 @@ def run_evaluation(
     cache = store or (FeatureCache() if cfg.eval.feature_cache else None)
     per_seed = []
     start = time.perf_counter()
+    ways = cfg.eval.ways
+    args = (model, bench.test_source)
     for seed in cfg.eval.seeds:
         path = episode_file(cfg, bench, seed, cfg.eval.episodes, output_dir)
+        common = dict(
+            classes=bench.split.novel,
+            size=cfg.data.image_size,
+            device=device,
+            cache=cache,
+            dist_info=dist_info,
+            progress=progress,
+            annotation=cfg.eval.support_annotation,
+            box_refinement=cfg.eval.box_refinement,
+            seed=seed,
+        )
+        if ways > 1:
+            nway_episodes = load_or_make_nway(cfg, bench, seed, path, dist_info)
+            metric, oneway, seconds = evaluate_nway_episodes(
+                *args, nway_episodes, **common, desc=f"eval seed {seed}, {ways}-way"
+            )
+            result = metric.compute(cfg.eval.missing_class)
+            result.update(seed=seed, episode_file=str(path.with_name(f"{path.stem}-{ways}way{path.suffix}")))
+            result["experts"] = {"one-way runs": oneway.compute(cfg.eval.missing_class)}
+            result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+            per_seed.append(result)
+            continue
         episodes = load_or_make_episodes(cfg, bench, seed, path, dist_info)
         hook = (lambda i, r, seed=seed: on_episode(seed, i, r)) if on_episode else None
         experts: dict[str, FewShotIoU] = {}
         metric = evaluate_episodes(
-            model,
-            bench.test_source,
+            *args,
             episodes,
-            bench.split.novel,
-            cfg.data.image_size,
-            device,
-            cache,
-            dist_info,
-            progress,
+            **common,
             desc=f"eval seed {seed}",
             on_episode=hook,
             expert_metrics=experts,
-            annotation=cfg.eval.support_annotation,
-            box_refinement=cfg.eval.box_refinement,
-            seed=seed,
         )
         result = metric.compute(cfg.eval.missing_class)
         result["seed"] = seed
@@ -353,6 +472,7 @@ def run_evaluation(
             "protocol": cfg.data.protocol,
             "fold": bench.fold,
             "shots": cfg.data.shots,
+            "ways": ways,
             "episodes": cfg.eval.episodes,
             "seeds": list(cfg.eval.seeds),
             "image_size": cfg.data.image_size,
@@ -398,7 +518,9 @@ def results_markdown(results: dict) -> str:
     s = results["settings"]
     summary = results["summary"]
     lines = [
-        f"# {results['method']} on {s['benchmark']} fold {s['fold']}, {s['shots']}-shot",
+        f"# {results['method']} on {s['benchmark']} fold {s['fold']}, "
+        + (f"{s['ways']}-way " if s.get("ways", 1) > 1 else "")
+        + f"{s['shots']}-shot",
         "",
         f"{s['episodes']} episodes x {len(s['seeds'])} seeds ({s['seeds']}), image size {s['image_size']}, "
         f"scored at the original label size, backbone {s['backbone']} ({s['backbone_weights']}).",
@@ -410,11 +532,12 @@ def results_markdown(results: dict) -> str:
     ]
     for name, expert in results.get("experts", {}).items():
         miou = expert["miou"]
-        what = (
-            f"the fused model scored with {name}"
-            if name.startswith("fusion=")
-            else f"the {name} expert alone"
-        )
+        if name == "one-way runs":
+            what = f"the {s.get('ways', 1)} one-way answers, each class on its own mask"
+        elif name.startswith("fusion="):
+            what = f"the fused model scored with {name}"
+        else:
+            what = f"the {name} expert alone"
         lines.append(f"| mIoU of {what} | {_pct(miou['mean'])} | {_pct(miou['std'])} |")
     lines += [
         "",
