@@ -484,3 +484,34 @@ def test_evaluation_fits_the_probe_once_per_support_set(tmp_path, monkeypatch):
     assert len(calls) == 2 * len(episodes)
     for key in ("class_intersection", "class_union", "totals"):
         assert torch.equal(reused.state_dict()[key], fresh.state_dict()[key])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adam"])
+def test_each_optimizer_trains_and_resumes_its_own_state(tmp_path, optimizer):
+    """train.optimizer (the peers' own recipes, issue 40): each one updates the weights, and its state
+    (momentum, Adam's moments) travels in the checkpoint, so a resumed run equals an uninterrupted one."""
+    settings = [f"train.optimizer={optimizer}", "train.lr=0.001", "train.feature_cache=true"]
+    full = Trainer(
+        tiny_config(tmp_path / "full", *settings), tmp_path / "full", torch.device("cpu"), progress=False
+    )
+    start = {k: v.clone() for k, v in trainable_state(full.model).items()}
+    full.fit()
+    kinds = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+    assert type(full.optimizer) is kinds[optimizer]
+    assert any(not torch.equal(start[k], v) for k, v in trainable_state(full.model).items())
+    cut = Trainer(
+        tiny_config(tmp_path / "cut", *settings), tmp_path / "cut", torch.device("cpu"), progress=False
+    )
+    cut.fit(stop_after=3)
+    resumed = Trainer(
+        tiny_config(tmp_path / "cut", *settings), tmp_path / "cut", torch.device("cpu"), progress=False
+    )
+    resumed.resume(tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed.fit()
+    for key, value in trainable_state(full.model).items():
+        assert torch.equal(value, trainable_state(resumed.model)[key]), key
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(None, ["train.optimizer=lamb"])

@@ -393,6 +393,9 @@ class PseudoClassConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 8
+    #: sgd (with ``momentum``; PFENet, BAM, DEDN) | adamw (HDMNet) | adam (HSNet); ``weight_decay`` applies
+    #: to all three (decoupled for adamw)
+    optimizer: str = "sgd"
     lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -487,6 +490,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.missing_class": ("skip", "zero"),
     "eval.support_annotation": ("mask", "box", "scribble"),
     "eval.box_refinement": ("none", "probe"),
+    "train.optimizer": ("sgd", "adamw", "adam"),
 }
 
 #: integer settings and their smallest valid value (a 0 here would divide by zero or loop forever)

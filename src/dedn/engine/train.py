@@ -198,6 +198,15 @@ def validation_episodes(cfg: Config, bench: Benchmark) -> list:
     )
 
 
+def make_optimizer(params, t) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``params``: SGD with momentum, AdamW or Adam, at ``train.lr``."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
 def poly_schedule(optimizer, steps: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / steps) ** power)
 
@@ -237,7 +246,7 @@ class Trainer:
         self.model = FewShotSegmenter(cfg.model).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
-        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(params, t)
         self.scheduler = poly_schedule(self.optimizer, t.steps, t.poly_power)
         self.step = 0
         self.best = {"miou": -1.0, "step": -1}
