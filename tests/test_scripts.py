@@ -322,3 +322,62 @@ def test_store_drift_names_a_bad_config_without_a_traceback(tmp_path):
         [sys.executable, str(REPO / "scripts" / "store_drift.py"), str(bad)], capture_output=True, text=True
     )
     assert done.returncode != 0 and "bad.yaml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_query_cost_benchmark_prints_each_setting_and_both_ratios():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "query_cost.py"), "--queries", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("median")[0].strip(): line for line in done.stdout.splitlines() if "median" in line}
+    assert list(rows) == [
+        "backbone pass",
+        "DEDN predict",
+        "proto predict",
+        "2 x predict",
+        "predict_classes (2)",
+    ]
+    assert all(float(r.split("median")[1].split()[0]) > 0 for r in rows.values())
+    assert (
+        "DEDN predict / backbone pass:" in done.stdout
+        and "2 classes at once / 2 one-class predicts:" in done.stdout
+    )
+
+
+def test_presence_check_records_every_way_and_prints_the_separations(tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    config = str(REPO / "configs" / "synthetic.yaml")
+    train = [
+        sys.executable,
+        "-m",
+        "dedn.cli",
+        "train",
+        config,
+        "--quiet",
+        "--output",
+        str(tmp_path / "m"),
+        *sets,
+    ]
+    assert subprocess.run(train, capture_output=True, cwd=REPO).returncode == 0
+    ckpt = str(tmp_path / "m" / "checkpoints" / "last.pt")
+    for flag, name in (("--val", "val.json"), ("--set=eval.missing_class=skip", "test.json")):
+        out = run_script(
+            "presence_check.py",
+            config,
+            "--checkpoint",
+            ckpt,
+            flag,
+            "--episodes",
+            "6",
+            "--out",
+            str(tmp_path / name),
+            *sets,
+        )
+        rows = json.loads((tmp_path / name).read_text())
+        assert len(rows) == 12 and [r["way"] for r in rows] == [0, 1] * 6
+        assert all(r["painted_in_map"] <= r["painted"] for r in rows)  # the label map only takes pixels away
+        assert all(r["present"] > 0 for r in rows[::2])  # the first way's query shows its class
+        assert "12 ways:" in out and "AUC of top:" in out and "two-way label map" in out
