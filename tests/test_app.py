@@ -326,6 +326,7 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
         labels = predictor.predict_classes(pictures["query1"], sets).labels
         np.testing.assert_array_equal(download(class_links["query1_labels.png"]), labels)
         two_links = class_links
+        driver.save_screenshot(str(tmp_path / "app-classes.png"))
 
         # 4. a third slot shown and removed again, then the second: its pictures stay but are not used
         driver.find_element(By.CSS_SELECTOR, "#add-support").click()
@@ -354,6 +355,7 @@ def test_web_page_in_a_headless_browser(balanced_ckpt, predictor, pictures, tmp_
             target = Path(os.environ["DEDN_SCREENSHOT_DIR"])
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, target / "app.png")
+            shutil.copy(tmp_path / "app-classes.png", target / "app-classes.png")
         assert Image.open(shot).size[0] >= 1000
     finally:
         if driver is not None:
