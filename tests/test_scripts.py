@@ -206,15 +206,17 @@ def test_probe_benchmark_prints_the_fit_and_the_query_cost():
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in lines)
 
 
-def test_threads_benchmark_times_each_thread_count():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "threads.py"), "--queries", "2"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+def shipped_model_benchmark(name: str, *args: str) -> str:
+    """benchmarks/<name>.py, which runs the shipped model (no config), from the repository root."""
+    script = str(REPO / "benchmarks" / f"{name}.py")
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if "thread(s) (" in line]
+    return done.stdout
+
+
+def test_threads_benchmark_times_each_thread_count():
+    stdout = shipped_model_benchmark("threads", "--queries", "2")
+    rows = [line for line in stdout.splitlines() if "thread(s) (" in line]
     assert rows and rows[0].lstrip().startswith("1 thread(s) (1")
     assert all(float(r.split("median")[1].split()[0]) > 0 for r in rows)
 
@@ -325,14 +327,8 @@ def test_store_drift_names_a_bad_config_without_a_traceback(tmp_path):
 
 
 def test_query_cost_benchmark_prints_each_setting_and_both_ratios():
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "query_cost.py"), "--queries", "2"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split("median")[0].strip(): line for line in done.stdout.splitlines() if "median" in line}
+    stdout = shipped_model_benchmark("query_cost", "--queries", "2")
+    rows = {line.split("median")[0].strip(): line for line in stdout.splitlines() if "median" in line}
     assert list(rows) == [
         "backbone pass",
         "DEDN predict",
@@ -341,10 +337,7 @@ def test_query_cost_benchmark_prints_each_setting_and_both_ratios():
         "predict_classes (2)",
     ]
     assert all(float(r.split("median")[1].split()[0]) > 0 for r in rows.values())
-    assert (
-        "DEDN predict / backbone pass:" in done.stdout
-        and "2 classes at once / 2 one-class predicts:" in done.stdout
-    )
+    assert "DEDN predict / backbone pass:" in stdout and "2 classes at once / 2 one-class predicts:" in stdout
 
 
 def test_presence_check_records_every_way_and_prints_the_separations(tmp_path):
