@@ -44,6 +44,7 @@ from dedn.data.base import IGNORE_INDEX
 from dedn.data.transforms import PAD_RGB, TestTransform, restore_logits
 from dedn.engine.distributed import resolve_device
 from dedn.errors import CheckpointError, ConfigError, DataError
+from dedn.models.ops import label_map
 from dedn.utils.io import make_dir
 from dedn.weak import Box, box_mask, box_support, check_box, equal_scores
 
@@ -745,8 +746,7 @@ class Predictor:
         hw = q.pixels.shape[:2]
         qf = {k: v.unsqueeze(0) for k, v in self._encode(q.pixels).items()}
         probabilities = torch.stack([self._forward(qf, s, hw)[1] for s in support_sets.values()])
-        best, index = probabilities.max(dim=0)
-        labels = torch.where(best > threshold, index + 1, torch.zeros_like(index))
+        labels = label_map(probabilities, threshold)
         return LabelPrediction(
             labels=labels.to(torch.uint8).cpu().numpy(),
             class_names=list(support_sets),

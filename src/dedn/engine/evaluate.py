@@ -35,6 +35,7 @@ from dedn.engine.distributed import DistInfo
 from dedn.engine.features import FeatureCache, ImageEncoder, open_feature_store
 from dedn.errors import ConfigError, DataError
 from dedn.metrics import FewShotIoU, aggregate_seeds
+from dedn.models.ops import label_map
 from dedn.utils.io import atomic_write_json, atomic_write_text
 from dedn.utils.machine import machine_info
 from dedn.weak import (
@@ -278,16 +279,6 @@ def evaluate_episodes(
     for expert in (expert_metrics or {}).values():
         expert.all_reduce()
     return metric
-
-
-def label_map(margins: Sequence[torch.Tensor]) -> torch.Tensor:
-    """N classes' (H, W) foreground margins (their one-way decisions: > 0) -> one (H, W) label map: 0
-    where no class claims the pixel, else the number (1..N) of the class with the largest margin, which
-    is the class of highest foreground probability. Every pixel keeps its one-way answer unless two
-    classes claim it."""
-    stacked = torch.stack(list(margins))
-    best, index = stacked.max(dim=0)
-    return torch.where(best > 0, index + 1, torch.zeros_like(index))
 
 
 def evaluate_nway_episodes(

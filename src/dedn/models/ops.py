@@ -262,3 +262,12 @@ def fit_support_probe(
 
         opt.step(closure)
     return w.detach(), bias.detach()
+
+
+def label_map(scores, floor: float = 0.0) -> Tensor:
+    """N classes' (H, W) one-way scores -> one (H, W) label map: 0 where no class's score is above
+    ``floor``, else the number (1..N) of the class with the largest score. With foreground logit margins
+    and floor 0 (evaluation), or probabilities and the decision threshold (``Predictor.predict_classes``),
+    every pixel keeps its one-way answer unless two classes claim it, and then goes to the likelier."""
+    best, index = torch.stack(list(scores)).max(dim=0)
+    return torch.where(best > floor, index + 1, torch.zeros_like(index))
