@@ -20,6 +20,15 @@ they differ), so several invocations (e.g. one per fold, in parallel) can share 
     python scripts/pascal_table.py --folds 0 1 2 3 --shots 1 --ablations
     python scripts/pascal_table.py --shots 5 --train-shots test --out runs/pascal-table-5shot  # 5-shot models
     python scripts/pascal_table.py --collect                           # only rebuild table.md
+    python scripts/pascal_table.py --methods pfenet --length pseudo-novel   # each method's own length
+
+With ``--length pseudo-novel`` every trained row first chooses its own training length (issue 40): its
+model is trained on fold 0 with ``--length-classes`` (base classes) held out of training, for at most
+``--length-cap`` steps, validated every ``--length-every`` steps on episodes of the held-out classes
+(``data.val_classes``), so on classes it never saw, as the test is. The step of the best validation
+mIoU (the earliest of ties) becomes the row's ``train.steps`` on every fold, with one validation at
+its end (so ``best.pt`` is the last step's model, not a checkpoint chosen on base classes). The
+choices are written to ``<out>/lengths.json`` with each validation curve.
 """
 
 from __future__ import annotations
@@ -200,6 +209,68 @@ def assemble_model(
         }
         atomic_write_json(times, record)
     return ckpt
+
+
+#: base classes of fold 0 held out of training to choose a method's length (``--length pseudo-novel``):
+#: car, cow, dog, sofa, one or two from each of the other folds' class groups
+LENGTH_CLASSES = [7, 10, 12, 18]
+#: what ``--length pseudo-novel`` sets (an extra ``--set`` of them is refused)
+LENGTH_SETTINGS = ("train.steps", "train.val_every", "data.val_classes")
+
+
+def validation_curve(run: Path) -> dict[int, float]:
+    """step -> validation mIoU of a training run (the last record of a step, if a resumed run logged
+    it twice)."""
+    curve = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/miou" in record:
+            curve[record["step"]] = record["val/miou"]
+    if not curve:
+        raise SystemExit(f"{run / 'metrics.jsonl'}: no validation was logged; cannot choose a length")
+    return curve
+
+
+def choose_length(
+    name: str,
+    row: Row,
+    out: Path,
+    extra: list[str],
+    config: Path,
+    classes: list[int],
+    cap: int,
+    every: int,
+) -> int:
+    """The row's training length chosen on pseudo-novel validation (fold 0, ``classes`` held out of
+    training, validated every ``every`` steps up to ``cap``): the step of the best validation mIoU."""
+    held = ",".join(str(c) for c in classes)
+    sets = [
+        *(row.train or []),
+        f"data.val_classes=[{held}]",
+        f"train.steps={cap}",
+        f"train.val_every={every}",
+    ]
+    ckpt, seconds = train_model(sets, 0, out / "length", extra, config)
+    curve = validation_curve(ckpt.parents[1])
+    step = max(curve, key=lambda s: (curve[s], -s))
+    lengths = out / "lengths.json"
+    chosen = json.loads(lengths.read_text()) if lengths.exists() else {}
+    chosen[name] = {
+        "steps": step,
+        "val_miou": curve[step],
+        "held_out_classes": classes,
+        "cap": cap,
+        "every": every,
+        "train_seconds": seconds,
+        "curve": {str(s): v for s, v in sorted(curve.items())},
+    }
+    atomic_write_json(lengths, chosen)
+    return step
+
+
+def with_length(row: Row, steps: int) -> Row:
+    """``row`` trained for ``steps`` steps, validated once, at the end."""
+    return Row([*(row.train or []), f"train.steps={steps}", f"train.val_every={steps}"], row.test)
 
 
 def eval_dir(out: Path, name: str, fold: int, shots: int) -> Path:
@@ -384,6 +455,16 @@ def main() -> None:
         help="train every model on 1-shot episodes and score it at every shot count (default), or "
         "train one model per shot count on episodes with that many supports ('test')",
     )
+    parser.add_argument(
+        "--length",
+        choices=["config", "pseudo-novel"],
+        default="config",
+        help="each trained row's number of steps: the config's (default), or chosen per row on "
+        "pseudo-novel validation of fold 0 (see above)",
+    )
+    parser.add_argument("--length-classes", nargs="+", type=int, default=LENGTH_CLASSES)
+    parser.add_argument("--length-cap", type=int, default=4000, help="the longest run tried")
+    parser.add_argument("--length-every", type=int, default=250, help="validate every N steps")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if not args.collect:
@@ -400,6 +481,25 @@ def main() -> None:
             rows = {name: ROWS[name] for name in args.rows}
         else:
             rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
+        if args.length == "pseudo-novel":
+            fixed = [s for s in args.extra if s.split("=", 1)[0].strip() in LENGTH_SETTINGS]
+            if fixed:
+                raise SystemExit(f"--length pseudo-novel chooses this setting itself; drop --set {fixed[0]}")
+            rows = dict(rows)
+            for name, row in rows.items():
+                if row.train is not None:
+                    steps = choose_length(
+                        name,
+                        row,
+                        out,
+                        args.extra,
+                        Path(args.config),
+                        args.length_classes,
+                        args.length_cap,
+                        args.length_every,
+                    )
+                    print(f"{name}: {steps} steps, chosen on pseudo-novel validation", flush=True)
+                    rows[name] = with_length(row, steps)
         for fold in args.folds:
             for shots in args.shots:
                 for name, row in rows.items():

@@ -374,3 +374,38 @@ def test_presence_check_records_every_way_and_prints_the_separations(tmp_path):
         assert all(r["painted_in_map"] <= r["painted"] for r in rows)  # the label map only takes pixels away
         assert all(r["present"] > 0 for r in rows[::2])  # the first way's query shows its class
         assert "12 ways:" in out and "AUC of top:" in out and "two-way label map" in out
+
+
+def test_table_runner_chooses_each_rows_length_on_pseudo_novel_validation(tmp_path):
+    tiny = [s for s in TINY if not s.startswith(("train.steps=", "train.val_every="))]
+    sets = [a for s in tiny for a in ("--set", s)]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--shots", "1"]
+    length = ["--length", "pseudo-novel", "--length-classes", "6", "7"]
+    length += ["--length-cap", "6", "--length-every", "2"]
+    run_script("pascal_table.py", *args, "--rows", "dedn", "proto", "--out", str(tmp_path), *length, *sets)
+    chosen = json.loads((tmp_path / "lengths.json").read_text())
+    assert list(chosen) == ["dedn"]  # the training-free row has no length to choose
+    curve = {int(s): v for s, v in chosen["dedn"]["curve"].items()}
+    assert sorted(curve) == [2, 4, 6] and chosen["dedn"]["held_out_classes"] == [6, 7]
+    # the earliest step of the best validation
+    best = max(curve.values())
+    assert chosen["dedn"]["steps"] == min(s for s, v in curve.items() if v == best)
+    # the length run held the classes out of training; the row's model trains on every base class for
+    # the chosen number of steps, validated once at the end
+    search = load_config(next((tmp_path / "length" / "models").iterdir()) / "config.yaml")
+    assert search.data.val_classes == [6, 7] and search.train.steps == 6
+    (model,) = (tmp_path / "models").iterdir()
+    final = load_config(model / "config.yaml")
+    assert final.data.val_classes is None
+    assert final.train.steps == final.train.val_every == chosen["dedn"]["steps"]
+    record = next(r for r in json.loads((tmp_path / "table.json").read_text()) if r["row"] == "dedn")
+    assert Path(record["checkpoint"]).parents[1] == model
+    # the length is the script's to choose: a fixed one is refused, with a message
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pascal_table.py"), *args, "--rows", "dedn"]
+        + ["--out", str(tmp_path), *length, *sets, "--set", "train.steps=3"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "drop --set train.steps=3" in done.stderr
