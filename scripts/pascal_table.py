@@ -126,7 +126,9 @@ def slug(parts: list[str]) -> str:
 
 def dedn(*args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dedn.cli", *args], check=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "dedn.cli", *args], cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"dedn {args[0]} failed (exit status {done.returncode}), see its message above")
     return time.perf_counter() - start
 
 
@@ -231,6 +233,20 @@ def validation_curve(run: Path) -> dict[int, float]:
     return curve
 
 
+def search_settings(
+    row: Row, config: Path, extra: list[str], classes: list[int], cap: int, every: int
+) -> list[str]:
+    """The overrides of a row's length search: ``classes`` held out, ``cap`` steps, validation every
+    ``every``; a method that sizes a layer by the number of base classes (BAM's base learner) gets the
+    number left after the hold-out."""
+    held = ",".join(str(c) for c in classes)
+    sets = [f"data.val_classes=[{held}]", f"train.steps={cap}", f"train.val_every={every}"]
+    cfg = load_config(config, [*(row.train or []), *extra])
+    if cfg.model.method == "bam":
+        sets.append(f"model.bam.base_classes={cfg.model.bam.base_classes - len(set(classes))}")
+    return sets
+
+
 def choose_length(
     name: str,
     row: Row,
@@ -243,13 +259,7 @@ def choose_length(
 ) -> int:
     """The row's training length chosen on pseudo-novel validation (fold 0, ``classes`` held out of
     training, validated every ``every`` steps up to ``cap``): the step of the best validation mIoU."""
-    held = ",".join(str(c) for c in classes)
-    sets = [
-        *(row.train or []),
-        f"data.val_classes=[{held}]",
-        f"train.steps={cap}",
-        f"train.val_every={every}",
-    ]
+    sets = [*(row.train or []), *search_settings(row, config, extra, classes, cap, every)]
     ckpt, seconds = train_model(sets, 0, out / "length", extra, config)
     curve = validation_curve(ckpt.parents[1])
     step = max(curve, key=lambda s: (curve[s], -s))

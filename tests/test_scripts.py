@@ -409,3 +409,23 @@ def test_table_runner_chooses_each_rows_length_on_pseudo_novel_validation(tmp_pa
     )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "drop --set train.steps=3" in done.stderr
+
+
+def test_length_search_sizes_bams_base_learner_for_the_classes_left():
+    table = load_script("pascal_table")
+    config = REPO / "configs" / "pascal_offline.yaml"
+    bam = table.search_settings(table.METHODS["bam"], config, [], [7, 10, 12, 18], 4000, 250)
+    assert bam == [
+        "data.val_classes=[7,10,12,18]",
+        "train.steps=4000",
+        "train.val_every=250",
+        "model.bam.base_classes=11",
+    ]
+    # every other method only holds the classes out and sets the length
+    assert table.search_settings(table.METHODS["pfenet"], config, [], [7, 10], 400, 50) == [
+        "data.val_classes=[7,10]",
+        "train.steps=400",
+        "train.val_every=50",
+    ]
+    # the BAM search's settings load as a config
+    load_config(config, ["model.method=bam", *bam])
