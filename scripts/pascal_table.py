@@ -42,6 +42,7 @@ from pathlib import Path
 
 from dedn.config import ConfigError, flatten, load_config, to_dict
 from dedn.utils.io import atomic_write_json, atomic_write_text
+from dedn.vis import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pascal_offline.yaml"
@@ -221,13 +222,8 @@ LENGTH_SETTINGS = ("train.steps", "train.val_every", "data.val_classes")
 
 
 def validation_curve(run: Path) -> dict[int, float]:
-    """step -> validation mIoU of a training run (the last record of a step, if a resumed run logged
-    it twice)."""
-    curve = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val/miou" in record:
-            curve[record["step"]] = record["val/miou"]
+    """step -> validation mIoU of a training run (``read_metrics``: resumed runs merged)."""
+    curve = dict(zip(*read_metrics(run / "metrics.jsonl").get("val/miou", ([], [])), strict=True))
     if not curve:
         raise SystemExit(f"{run / 'metrics.jsonl'}: no validation was logged; cannot choose a length")
     return curve
