@@ -183,8 +183,14 @@ def train_model(
                 + "\nMove that folder away to train the row again, or use another --out."
             )
     else:
-        seconds = dedn("train", str(config), "--quiet", "--output", str(run), *flags(sets))
-        atomic_write_json(times, {"train_seconds": seconds, "overrides": sets})
+        # a training stopped part-way (its times.json is written only at the end) goes on from its last
+        # checkpoint; its seconds are then those of the resumed part only
+        last = run / "checkpoints" / "last.pt"
+        resume = ["--resume", str(last)] if last.exists() else []
+        seconds = dedn("train", str(config), "--quiet", "--output", str(run), *resume, *flags(sets))
+        atomic_write_json(
+            times, {"train_seconds": seconds, "overrides": sets, "resumed": bool(resume)}
+        )
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 

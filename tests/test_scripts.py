@@ -429,3 +429,22 @@ def test_length_search_sizes_bams_base_learner_for_the_classes_left():
     ]
     # the BAM search's settings load as a config
     load_config(config, ["model.method=bam", *bam])
+
+
+def test_table_runner_resumes_a_training_that_stopped_part_way(tmp_path, monkeypatch):
+    table = load_script("pascal_table")
+    calls = []
+    monkeypatch.setattr(table, "dedn", lambda *args: calls.append(args) or 12.0)
+    sets = ["model.method=dedn"]
+    run = tmp_path / "models" / f"{table.slug(sets)}-fold0"
+    # a first call trains from the start
+    table.train_model(sets, 0, tmp_path, [])
+    assert "--resume" not in calls[0]
+    # a run stopped part-way has its last checkpoint but no times.json (written only at the end)
+    (run / "times.json").unlink()
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    _, seconds = table.train_model(sets, 0, tmp_path, [])
+    args = list(calls[1])
+    assert args[args.index("--resume") + 1] == str(run / "checkpoints" / "last.pt")
+    assert seconds == 12.0 and json.loads((run / "times.json").read_text())["resumed"] is True
