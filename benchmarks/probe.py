@@ -7,7 +7,9 @@ is built first if missing):
 - ms per support set of the fit (``FewShotSegmenter.fit_probe``: L-BFGS on the support cells), at 1 and 5
   shots, median and 95th percentile over ``--sets`` support sets;
 - ms per query of the probe's map given its fit, against ``proto``'s map (both on the feature grid), timed
-  interleaved query by query so that the machine's load falls on both alike.
+  interleaved query by query so that the machine's load falls on both alike;
+- ms per query of the probe's per-pixel weight (``model.fusion.probe.coverage``: the query cells'
+  similarity to the support's background cells, upsampled to the output size).
 
 The fit is made once per support set (``dedn eval`` and ``Predictor`` keep it), so a query pays only the
 second figure.
@@ -55,12 +57,15 @@ def main() -> None:
         cfg = load_config(
             args.config, [*args.extra, *split, f"data.shots={shots}", "model.fusion.matcher=probe"]
         )
+        if cfg.model.fusion.probe.coverage is None:
+            cfg.model.fusion.probe.coverage = [0.2, 0.4]
         bench = build_benchmark(cfg.data)
         model = FewShotSegmenter(cfg.model).eval()  # the probe and proto need no trained weights
         store = open_feature_store(cfg, model, bench.test_source, cpu, progress=False)
         runner = EpisodeRunner(model, bench.test_source, cfg.data.image_size, cpu, store)
         episodes = sample_test_episodes(bench.split.test_pairs, args.sets, shots, 0)
-        fits, probe_query, proto_query = [], [], []
+        fits, probe_query, proto_query, cover_query = [], [], [], []
+        size = (cfg.data.image_size, cfg.data.image_size)
         with torch.no_grad():
             for i, ep in enumerate(episodes):
                 q = {k: v.unsqueeze(0) for k, v in runner._features(ep.query).items()}
@@ -77,10 +82,14 @@ def main() -> None:
                     model._matcher_logits(q, sf, fg, bg, fit)
                     times.append(time.perf_counter() - start)
                 model.cfg.fusion.matcher = "probe"
+                start = time.perf_counter()
+                model._matcher_cover(q, sf, bg, size)
+                cover_query.append(time.perf_counter() - start)
         print(f"{shots} shot(s), {len(episodes)} support sets of {Path(args.config).name} {args.split}:")
         print(f"  probe fit per support set   {ms(fits)}")
         print(f"  probe map per query         {ms(probe_query)}")
         print(f"  proto map per query         {ms(proto_query)}")
+        print(f"  coverage weight per query   {ms(cover_query)}")
 
 
 if __name__ == "__main__":

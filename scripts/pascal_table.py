@@ -188,9 +188,7 @@ def train_model(
         last = run / "checkpoints" / "last.pt"
         resume = ["--resume", str(last)] if last.exists() else []
         seconds = dedn("train", str(config), "--quiet", "--output", str(run), *resume, *flags(sets))
-        atomic_write_json(
-            times, {"train_seconds": seconds, "overrides": sets, "resumed": bool(resume)}
-        )
+        atomic_write_json(times, {"train_seconds": seconds, "overrides": sets, "resumed": bool(resume)})
     return run / "checkpoints" / "best.pt", json.loads(times.read_text())["train_seconds"]
 
 

@@ -781,3 +781,74 @@ def test_hard_score_is_the_iou_of_each_members_decision():
     # a right but unsure prediction: soft IoU below 1, hard IoU 1
     unsure = torch.stack([torch.zeros(1, 4, 4), (masks[:1, 0, :4, :4] == 1).float() * 0.4], dim=1)
     assert model._scored(unsure).max() <= 1 and soft._scored(unsure).max() < 0.6
+
+
+def test_background_coverage_is_the_nearest_support_background_cell():
+    """ops.background_coverage: a query cell equal to a support background cell is covered (1); a cell that
+    is only like the foreground, or like nothing, is not; supports without background cover everything."""
+    from dedn.models.ops import background_coverage
+
+    e = torch.eye(4)
+    support = torch.zeros(1, 1, 4, 1, 2)
+    support[0, 0, :, 0, 0], support[0, 0, :, 0, 1] = e[0], e[1]  # a background cell and a foreground cell
+    bg = torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
+    query = torch.stack([e[0], e[1], e[2], (e[0] + e[2])], dim=1).view(1, 4, 1, 4)
+    cover = background_coverage(query, support, bg)
+    assert cover.shape == (1, 1, 1, 4)
+    torch.testing.assert_close(cover.flatten(), torch.tensor([1.0, 0.0, 0.0, 2**-0.5]))
+    # two shots: the nearest background cell of either
+    two = torch.cat([support, support.roll(1, dims=2)], dim=1)  # shot 2's background cell is e1
+    cover2 = background_coverage(query, two, torch.cat([bg, bg], dim=1))
+    torch.testing.assert_close(cover2.flatten(), torch.tensor([1.0, 1.0, 0.0, 2**-0.5]))
+    assert torch.equal(background_coverage(query, support, torch.zeros_like(bg)), torch.ones(1, 1, 1, 4))
+
+
+def test_probe_coverage_leaves_uncovered_cells_to_the_experts():
+    """model.fusion.probe.coverage: where the support's background covers no query cell the fusion is the
+    experts' AWF alone (the probe's weight is 0 there); a window every cell passes is the plain fusion;
+    pixel factors of 1 change nothing in fuse_probabilities."""
+    base = with_changes(ModelConfig(channels=16), fusion__matcher="probe", fusion__confidence=False)
+    plain = FewShotSegmenter(base, ToyBackbone()).eval()
+    query, supports, masks, _ = episode(k=1)
+    models = {}
+    for name, window in (("open", [-1.0, -0.999]), ("shut", [0.9999, 1.0])):
+        cfg = with_changes(base, fusion__probe=dataclasses.replace(base.fusion.probe, coverage=window))
+        models[name] = FewShotSegmenter(cfg, ToyBackbone()).eval()
+        models[name].load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        out = plain(query, supports, masks)
+        opened = models["open"](query, supports, masks)
+        shut = models["shut"](query, supports, masks)
+    torch.testing.assert_close(opened["probability"], out["probability"])
+    assert "matcher_cover" not in out and opened["matcher_cover"].shape == (2, 1, 48, 48)
+    # shut: every cell but those equal to a support background cell leaves the probe out
+    w = out["fusion_weights"]
+    experts = [out["experts"][e].softmax(dim=1) for e in plain.expert_names]
+    alone = (w[:, 0, None, None, None] * experts[0] + w[:, 1, None, None, None] * experts[1]) / (
+        w[:, :2].sum(dim=1)[:, None, None, None]
+    )
+    uncovered = shut["matcher_cover"][:, 0] == 0
+    assert uncovered.float().mean() > 0.5
+    assert torch.allclose(shut["probability"][:, 1][uncovered], alone[:, 1][uncovered], atol=1e-5)
+    probs = [x.softmax(dim=1) for x in experts]
+    ones = [torch.ones_like(probs[0][:, :1])] * 2
+    torch.testing.assert_close(
+        fuse_probabilities(probs, w[:, :2], False, ones), fuse_probabilities(probs, w[:, :2], False)
+    )
+
+
+def test_probe_coverage_is_checked_and_test_time():
+    from dedn.config import Config, load_config
+    from dedn.engine.checkpoint import check_compatible
+    from dedn.errors import ConfigError
+
+    for bad in ("[0.4,0.2]", "[0.2]", "[0.2,1.5]"):
+        with pytest.raises(ConfigError, match="model.fusion.probe.coverage"):
+            load_config(None, [f"model.fusion.probe.coverage={bad}"])
+    assert load_config(None, ["model.fusion.probe.coverage=[0.2,0.4]"]).model.fusion.probe.coverage == [
+        0.2,
+        0.4,
+    ]
+    saved, current = Config(), Config()
+    current.model.fusion.probe.coverage = [0.2, 0.4]
+    check_compatible(saved, current, "model.pt")

@@ -202,7 +202,8 @@ def test_peers_benchmark_prints_one_row_per_method():
 def test_probe_benchmark_prints_the_fit_and_the_query_cost():
     done = run_benchmark("probe", "--split", "none", "--sets", "3")
     lines = [line for line in done.stdout.splitlines() if "median" in line]
-    assert len(lines) == 6 and [line.split()[0] for line in lines] == ["probe", "probe", "proto"] * 2
+    names = ["probe", "probe", "proto", "coverage"] * 2
+    assert len(lines) == 8 and [line.split()[0] for line in lines] == names
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in lines)
 
 

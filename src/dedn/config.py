@@ -149,6 +149,12 @@ class ProbeConfig:
     steps: int = 20
     #: weight of |w - w_proto|^2, which keeps the fitted direction near the prototypes'
     l2: float = 0.01
+    #: [lo, hi]: the probe's weight in AWF at a query cell is scaled by how well the support's
+    #: background covers that cell (the highest cosine similarity of the cell's frozen ``high`` feature to
+    #: a support background cell): 0 at or below ``lo``, 1 at or above ``hi``, linear between. A fit to
+    #: the support says nothing about a query cell unlike anything in the support's background; there the
+    #: trained experts decide. Null: the same weight everywhere. Test-time (docs/method.md, 2e)
+    coverage: list[float] | None = None
 
 
 @dataclass
@@ -694,6 +700,12 @@ def validate(cfg: Config) -> Config:
     _validate_hsnet(m.hsnet)
     if m.method == "hdmnet":
         _validate_hdmnet(m.hdmnet, m.channels)
+    cover = m.fusion.probe.coverage
+    if cover is not None and not (len(cover) == 2 and -1.0 <= cover[0] < cover[1] <= 1.0):
+        raise ConfigError(
+            f"model.fusion.probe.coverage = {cover}; expected null or [lo, hi] with -1 <= lo < hi <= 1 "
+            "(cosine similarities)"
+        )
     if m.fusion.probe.steps < 1 or not m.fusion.probe.l2 >= 0:
         raise ConfigError(
             f"model.fusion.probe: steps = {m.fusion.probe.steps}, l2 = {m.fusion.probe.l2}; expected "

@@ -22,10 +22,19 @@ def fusion_weights(support_scores: Tensor, temperature: float) -> Tensor:
     return (support_scores / temperature).softmax(dim=1)
 
 
-def fuse_probabilities(probs: list[Tensor], weights: Tensor, use_confidence: bool = True) -> Tensor:
-    """Fuse per-expert probabilities (each (B, 2, H, W)) with episode weights (B, E) -> (B, 2, H, W)."""
+def fuse_probabilities(
+    probs: list[Tensor],
+    weights: Tensor,
+    use_confidence: bool = True,
+    pixel_weights: list[Tensor | None] | None = None,
+) -> Tensor:
+    """Fuse per-expert probabilities (each (B, 2, H, W)) with episode weights (B, E) -> (B, 2, H, W).
+    ``pixel_weights``: per member, None or a (B, 1, H, W) factor on its weight at each pixel."""
     stacked = torch.stack(probs, dim=1)  # (B, E, 2, H, W)
     w = weights[:, :, None, None, None]
+    if pixel_weights is not None and any(x is not None for x in pixel_weights):
+        ones = torch.ones_like(probs[0][:, :1])
+        w = w * torch.stack([ones if x is None else x for x in pixel_weights], dim=1)
     if use_confidence:
         conf = torch.stack([binary_confidence(p) for p in probs], dim=1)  # (B, E, 1, H, W)
         w = w * (conf + 1e-3)  # the floor keeps the mixture defined when every expert is unsure

@@ -26,6 +26,7 @@ from dedn.config import ModelConfig
 from dedn.models.experts import ObjectExpert, ScenarioExpert
 from dedn.models.fusion import FusionGate, fuse_probabilities, fusion_weights
 from dedn.models.ops import (
+    background_coverage,
     cosine_prior,
     fit_support_probe,
     mask_fractions,
@@ -269,6 +270,9 @@ class FewShotSegmenter(nn.Module):
                     self.cfg.fusion.matcher: self._upsample({"logits": matcher}, out_size)["logits"]
                 }
                 members.append(matcher if on_grid else out["matcher"][self.cfg.fusion.matcher])
+                cover = self._matcher_cover(query, supports, bg, None if on_grid else out_size)
+                if cover is not None:
+                    out["matcher_cover"] = cover
             probs = [x.softmax(dim=1) for x in members]
             if mode == "gate":
                 if self.gate is None:
@@ -291,7 +295,10 @@ class FewShotSegmenter(nn.Module):
                 weights = torch.full((b, len(probs)), 1.0 / len(probs), device=probs[0].device)
             if mode != "gate":
                 confidence = self.cfg.fusion.confidence and mode in ("awf", "cycle")
-                fused = fuse_probabilities(probs, weights, confidence)
+                pixel = None
+                if "matcher_cover" in out:  # the matcher is the last member
+                    pixel = [None] * (len(probs) - 1) + [out["matcher_cover"]]
+                fused = fuse_probabilities(probs, weights, confidence, pixel)
                 if on_grid:  # the fused probability is what is upsampled, as the members' logits are
                     fused = F.interpolate(fused, out_size, mode="bilinear", align_corners=False)
             out["fusion_weights"] = weights
@@ -307,6 +314,18 @@ class FewShotSegmenter(nn.Module):
             out["logits"] = torch.where(empty.view(b, 1, 1, 1), fixed, out["logits"])
         out["empty_support"] = empty
         return out
+
+    def _matcher_cover(self, query: dict, supports: dict, bg: Tensor, out_size) -> Tensor | None:
+        """The `probe` member's per-cell weight factor (``model.fusion.probe.coverage``): (B, 1, h, w) at
+        the grid, or upsampled to ``out_size``; None when off."""
+        cover = self.cfg.fusion.probe.coverage
+        if cover is None or self.cfg.fusion.matcher != "probe":
+            return None
+        lo, hi = cover
+        g = ((background_coverage(query["high"], supports["high"], bg) - lo) / (hi - lo)).clamp(0.0, 1.0)
+        if out_size is not None:
+            g = F.interpolate(g, out_size, mode="bilinear", align_corners=False)
+        return g
 
     def _fuses_on_grid(self, mode: str) -> bool:
         """Whether the fusion (and AWF's support scores) run on the feature grid: at test time, with

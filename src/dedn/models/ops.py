@@ -222,6 +222,23 @@ def binary_confidence(prob: Tensor) -> Tensor:
     return (1.0 - entropy / torch.log(torch.tensor(2.0, device=prob.device))).clamp(0.0, 1.0)
 
 
+def background_coverage(query_high: Tensor, support_high: Tensor, bg: Tensor) -> Tensor:
+    """How well the supports' background covers each query cell: (B, 1, h, w), the highest cosine
+    similarity of the query cell's feature (``query_high`` (B, C, h, w)) to a support cell that is mostly
+    background (``bg`` (B, K, 1, h', w') above 0.5) in any shot (``support_high`` (B, K, C, h', w')). An
+    episode whose supports have no such cell gets 1 everywhere (nothing to judge by)."""
+    b, k = support_high.shape[:2]
+    q = F.normalize(query_high, dim=1).flatten(2)  # (B, C, hw)
+    best = torch.full((b, q.shape[2]), -2.0, device=q.device, dtype=q.dtype)
+    for i in range(k):  # shot by shot: one (hw x hw') similarity matrix at a time
+        s = F.normalize(support_high[:, i], dim=1).flatten(2)  # (B, C, hw')
+        sim = torch.einsum("bcq,bcs->bqs", q, s)
+        keep = (bg[:, i].flatten(1) > 0.5)[:, None, :]  # (B, 1, hw')
+        best = torch.maximum(best, sim.masked_fill(~keep, -2.0).amax(dim=2))
+    best = torch.where(best < -1.5, torch.ones_like(best), best)  # no background cell in any shot
+    return best.view(b, 1, *query_high.shape[-2:])
+
+
 def fit_support_probe(
     support_high: Tensor, fg: Tensor, bg: Tensor, init: Tensor, steps: int, l2: float
 ) -> tuple[Tensor, Tensor]:
