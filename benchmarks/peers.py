@@ -6,8 +6,11 @@ one run:
 
 - trainable parameters (the heads: the frozen backbone is shared and not counted);
 - seconds per training step on stored-feature inputs (batch and loss size of the config; the heads'
-  forward, loss, backward and SGD step, as ``benchmarks/train_step.py`` times them), and that times
-  ``train.steps`` as the heads' share of one fold's training;
+  forward, loss, backward and SGD step, as ``benchmarks/train_step.py`` times them), and that times the
+  method's training length as the heads' share of one fold's training: with ``--lengths own`` (the
+  default with the default ``--config``) the ``train.steps`` of the method's own config
+  (``configs/<method>_offline.yaml``, where its length was chosen, e.g. PFENet's 2,500 steps; DEDN's is
+  ``--config``), with ``--lengths config`` that of ``--config`` (and its ``--set``) for every method;
 - milliseconds per test episode from the feature store at 1 and 5 shots (the first ``--episodes`` test
   episodes of fold 0, seed 0, the same for every method; as ``benchmarks/scoring.py`` times them);
 - the peak resident memory of each of those measurements, each run in a fresh process (so that one
@@ -72,6 +75,16 @@ def child(kind: str, method: str, shots: int, args) -> dict:
     return out
 
 
+def own_steps(method: str, args) -> tuple[int, str]:
+    """A method's training length and the config it comes from (``--lengths``)."""
+    from dedn.config import load_config
+
+    own = REPO / "configs" / f"{method}_offline.yaml"
+    if args.lengths == "own" and own.exists():
+        return load_config(own, []).train.steps, own.name
+    return load_config(args.config, list(getattr(args, "overrides", []))).train.steps, Path(args.config).name
+
+
 def run_child(kind: str, method: str, shots: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, method, str(shots), "--config", args.config,
            "--episodes", str(args.episodes), "--steps", str(args.steps)]  # fmt: skip
@@ -90,15 +103,23 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=60, help="test episodes per method and shot count")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per method (1 shot)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument(
+        "--lengths",
+        choices=("own", "config"),
+        help="the training length each step time is multiplied by: the method's own config's (the default "
+        "with the default --config), or --config's (the default with any other)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lengths is None:
+        args.lengths = "own" if Path(args.config).resolve() == CONFIG.resolve() else "config"
     if args.child:
         kind, method, shots = args.child
         print(json.dumps(child(kind, method, int(shots), args)))
         return
     print(f"config {Path(args.config).name}; {args.episodes} test episodes (fold 0, seed 0) per method and "
           f"shot count; {args.steps} timed 1-shot training steps; 1 thread; heads untrained\n")  # fmt: skip
-    print("| method | trainable parameters | s / training step (x steps) | ms / episode, 1 shot | "
+    print("| method | trainable parameters | s / training step (x steps = s, from) | ms / episode, 1 shot | "
           "ms / episode, 5 shots | peak memory (MB): training step / 1 / 5 shots |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for method in args.methods:
@@ -107,8 +128,9 @@ def main() -> None:
         five = run_child("score", method, 5, args)
         step = "- (training-free)"
         if "s_per_step" in train:
-            total = train["s_per_step"] * train["train_steps"]
-            step = f"{train['s_per_step']:.3f} (x {train['train_steps']} = {total:.0f} s)"
+            steps, source = own_steps(method, args)
+            total = train["s_per_step"] * steps
+            step = f"{train['s_per_step']:.3f} (x {steps} = {total:.0f} s, {source})"
         peaks = " / ".join(f"{r['peak_mb']:.0f}" for r in (train, one, five))
         row = [method, f"{train['parameters']:,}", step, f"{one['ms_per_episode']:.1f}",
                f"{five['ms_per_episode']:.1f}", peaks]  # fmt: skip

@@ -199,6 +199,18 @@ def test_peers_benchmark_prints_one_row_per_method():
         assert all(float(mb) > 0 for mb in row[5].split(" / "))
 
 
+def test_peers_benchmark_multiplies_each_step_time_by_the_methods_own_length():
+    import argparse
+
+    peers = load_script_from("benchmarks", "peers")
+    own = argparse.Namespace(lengths="own", config=str(REPO / "configs" / "pascal_offline.yaml"))
+    steps = load_config(REPO / "configs" / "pfenet_offline.yaml").train.steps
+    assert peers.own_steps("pfenet", own) == (steps, "pfenet_offline.yaml")
+    assert peers.own_steps("dedn", own) == (500, "pascal_offline.yaml")  # no dedn_offline.yaml
+    same = argparse.Namespace(lengths="config", config=own.config)
+    assert peers.own_steps("pfenet", same) == (500, "pascal_offline.yaml")
+
+
 def test_probe_benchmark_prints_the_fit_and_the_query_cost():
     done = run_benchmark("probe", "--split", "none", "--sets", "3")
     lines = [line for line in done.stdout.splitlines() if "median" in line]
@@ -224,7 +236,12 @@ def test_threads_benchmark_times_each_thread_count():
 
 def load_script(name: str):
     """A script under scripts/ imported as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    return load_script_from("scripts", name)
+
+
+def load_script_from(folder: str, name: str):
+    """``<folder>/<name>.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
