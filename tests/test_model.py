@@ -842,13 +842,16 @@ def test_probe_coverage_is_checked_and_test_time():
     from dedn.engine.checkpoint import check_compatible
     from dedn.errors import ConfigError
 
+    probe = "model.fusion.matcher=probe"
     for bad in ("[0.4,0.2]", "[0.2]", "[0.2,1.5]"):
         with pytest.raises(ConfigError, match="model.fusion.probe.coverage"):
-            load_config(None, [f"model.fusion.probe.coverage={bad}"])
-    assert load_config(None, ["model.fusion.probe.coverage=[0.2,0.4]"]).model.fusion.probe.coverage == [
-        0.2,
-        0.4,
-    ]
+            load_config(None, [probe, f"model.fusion.probe.coverage={bad}"])
+    # a weight for a probe that is not there would be silently ignored: refused
+    with pytest.raises(ConfigError, match="set model.fusion.matcher=probe"):
+        load_config(None, ["model.fusion.matcher=proto", "model.fusion.probe.coverage=[0.2,0.4]"])
+    cfg = load_config(None, [probe, "model.fusion.probe.coverage=[0.2,0.4]"])
+    assert cfg.model.fusion.probe.coverage == [0.2, 0.4]
+    # a test-time setting: a checkpoint saved without it is scored with it
     saved, current = Config(), Config()
-    current.model.fusion.probe.coverage = [0.2, 0.4]
+    current.model.fusion.matcher, current.model.fusion.probe.coverage = "probe", [0.2, 0.4]
     check_compatible(saved, current, "model.pt")

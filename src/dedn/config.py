@@ -706,6 +706,11 @@ def validate(cfg: Config) -> Config:
             f"model.fusion.probe.coverage = {cover}; expected null or [lo, hi] with -1 <= lo < hi <= 1 "
             "(cosine similarities)"
         )
+    if cover is not None and m.fusion.matcher != "probe":
+        raise ConfigError(
+            f"model.fusion.probe.coverage = {cover} weighs the probe, but model.fusion.matcher = "
+            f"{m.fusion.matcher}; set model.fusion.matcher=probe or model.fusion.probe.coverage=null"
+        )
     if m.fusion.probe.steps < 1 or not m.fusion.probe.l2 >= 0:
         raise ConfigError(
             f"model.fusion.probe: steps = {m.fusion.probe.steps}, l2 = {m.fusion.probe.l2}; expected "
