@@ -215,9 +215,11 @@ def test_bad_settings_are_refused(setting, message):
         load_config(None, ["model.method=hdmnet", "model.channels=64", setting])
 
 
-def test_hdmnet_offline_config_is_the_table_config_with_the_method_changed():
+def test_hdmnet_offline_config_is_the_table_config_with_the_method_and_its_length_changed():
     cfg = load_config(REPO / "configs" / "hdmnet_offline.yaml")
-    table = load_config(REPO / "configs" / "pascal_offline.yaml", ["model.method=hdmnet"])
+    # HDMNet's own length, chosen on pseudo-novel validation (issue 40), with one validation at its end
+    length = ["train.steps=2500", "train.val_every=2500"]
+    table = load_config(REPO / "configs" / "pascal_offline.yaml", ["model.method=hdmnet", *length])
     assert cfg.model.method == "hdmnet"
     a, b = flatten(to_dict(cfg)), flatten(to_dict(table))
     assert sorted(k for k in a if a[k] != b[k]) == ["name", "output_dir"]
