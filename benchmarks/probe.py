@@ -4,8 +4,9 @@ set, and what it adds per query, next to ``proto``, on one thread.
 Prints, from one run on real support sets of a cross-domain set (CCP `val` by default; its feature store
 is built first if missing):
 
-- ms per support set of the fit (``FewShotSegmenter.fit_probe``: L-BFGS on the support cells), at 1 and 5
-  shots, median and 95th percentile over ``--sets`` support sets;
+- ms per support set of the fit (``FewShotSegmenter.fit_probe``), for each fit (``model.fusion.probe.fit``:
+  logistic, the default, L-BFGS on the support cells; ridge, the option, one closed-form solve), timed
+  interleaved, at 1 and 5 shots, median and 95th percentile over ``--sets`` support sets;
 - ms per query of the probe's map given its fit, against ``proto``'s map (both on the feature grid), timed
   interleaved query by query so that the machine's load falls on both alike;
 - ms per query of the probe's per-pixel weight (``model.fusion.probe.coverage``: the query cells'
@@ -64,7 +65,8 @@ def main() -> None:
         store = open_feature_store(cfg, model, bench.test_source, cpu, progress=False)
         runner = EpisodeRunner(model, bench.test_source, cfg.data.image_size, cpu, store)
         episodes = sample_test_episodes(bench.split.test_pairs, args.sets, shots, 0)
-        fits, probe_query, proto_query, cover_query = [], [], [], []
+        fits: dict[str, list[float]] = {"logistic": [], "ridge": []}
+        probe_query, proto_query, cover_query = [], [], []
         size = (cfg.data.image_size, cfg.data.image_size)
         with torch.no_grad():
             for i, ep in enumerate(episodes):
@@ -72,9 +74,13 @@ def main() -> None:
                 feats = [runner._features(s) for s in ep.supports]
                 sf = {k: torch.stack([f[k] for f in feats]).unsqueeze(0) for k in q}
                 fg, bg = model._support_fractions(runner.support_masks(ep), q["high"].shape[-2:])
-                start = time.perf_counter()
-                fit = model.fit_probe(sf["high"], fg, bg)
-                fits.append(time.perf_counter() - start)
+                order = list(fits) if i % 2 == 0 else list(fits)[::-1]
+                for kind in order:
+                    start = time.perf_counter()
+                    made = model.fit_probe(sf["high"], fg, bg, fit=kind)
+                    fits[kind].append(time.perf_counter() - start)
+                    if kind == cfg.model.fusion.probe.fit:
+                        fit = made
                 arms = [("probe", probe_query), ("proto", proto_query)]
                 for name, times in arms if i % 2 == 0 else arms[::-1]:
                     model.cfg.fusion.matcher = name
@@ -86,7 +92,8 @@ def main() -> None:
                 model._matcher_cover(q, sf, bg, size)
                 cover_query.append(time.perf_counter() - start)
         print(f"{shots} shot(s), {len(episodes)} support sets of {Path(args.config).name} {args.split}:")
-        print(f"  probe fit per support set   {ms(fits)}")
+        for kind, times in fits.items():
+            print(f"  probe fit per support set   {ms(times)}  ({kind})")
         print(f"  probe map per query         {ms(probe_query)}")
         print(f"  proto map per query         {ms(proto_query)}")
         print(f"  coverage weight per query   {ms(cover_query)}")

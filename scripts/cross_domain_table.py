@@ -39,7 +39,22 @@ TRAINING_FREE = ("proto", "prior")
 FUSIONS = {
     "probe": (
         "dedn",
-        ["model.fusion.matcher=probe", "model.fusion.confidence=false", "model.fusion.score=hard"],
+        [
+            "model.fusion.matcher=probe",
+            "model.fusion.confidence=false",
+            "model.fusion.score=hard",
+            "model.fusion.probe.fit=logistic",
+        ],
+    ),
+    # round 19's option: the same with the probe fitted by ridge regression (docs/method.md, 2g)
+    "ridge": (
+        "dedn (ridge probe)",
+        [
+            "model.fusion.matcher=probe",
+            "model.fusion.confidence=false",
+            "model.fusion.score=hard",
+            "model.fusion.probe.fit=ridge",
+        ],
     ),
     # round 13's default: the same, each member scored by the soft IoU of its probabilities
     "soft": (
@@ -81,6 +96,9 @@ def entries(result: dict, prefix: str) -> dict[str, dict]:
     method = result["method"]
     rows = {prefix or method: result["summary"]}
     for name, summary in result.get("experts", {}).items():
+        if name == "matcher=probe" and prefix == FUSIONS["ridge"][0]:
+            rows["probe, ridge fit (training-free)"] = summary
+            continue
         if name == "matcher=proto" or (name.startswith("matcher=") and prefix != FUSIONS["probe"][0]):
             continue  # proto is a row of its own; the probe is shown once, from the default fusion's runs
         if name.startswith("matcher="):

@@ -39,7 +39,10 @@ def figures(path: Path) -> dict:
     return {
         "set": Path(config.get("data", {}).get("root") or "").name,
         "split": config.get("data", {}).get("test_split"),
-        "fusion": {k: fusion[k] for k in ("matcher", "confidence", "score") if k in fusion},
+        "fusion": {
+            **{k: fusion[k] for k in ("matcher", "confidence", "score") if k in fusion},
+            **({"probe_fit": fusion["probe"]["fit"]} if "fit" in fusion.get("probe", {}) else {}),
+        },
         "benchmark": s["benchmark"],
         "protocol": s["protocol"],
         "shots": s["shots"],

@@ -361,18 +361,23 @@ def test_cross_domain_table_averages_the_fold_models(tmp_path):
     out = tmp_path / "table"
     args = [sys.executable, str(repo / "scripts" / "cross_domain_table.py"), "--config", str(config),
             "--checkpoint", str(tmp_path / "m{fold}.pt"), "--folds", "0", "1", "--seeds", "0", "1",
-            "--episodes", "4", "--out", str(out), "--previous"]  # fmt: skip
+            "--episodes", "4", "--out", str(out), "--previous", "--matcher", "probe", "ridge"]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, cwd=repo)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "table.json").read_text())["rows"]
     previous = "dedn (round 12: AWF + proto, confidence)"
     probe = "probe (training-free, fitted to the support)"
-    assert {"proto", "prior", "dedn", previous, "dedn / object expert", probe} <= set(rows)
+    ridge = "dedn (ridge probe)"
+    assert {"proto", "prior", "dedn", previous, "dedn / object expert", probe, ridge} <= set(rows)
+    assert "probe, ridge fit (training-free)" in rows
     assert not any("matcher=" in row for row in rows)
     runs = [json.loads((out / "eval" / f"dedn-probe-fold{f}" / "results.json").read_text()) for f in (0, 1)]
     expected = sum(r["summary"]["miou"]["mean"] for r in runs) / 2
     assert rows["dedn"]["miou"] == pytest.approx(expected)
     assert runs[0]["config"]["model"]["fusion"]["confidence"] is False
+    assert runs[0]["config"]["model"]["fusion"]["probe"]["fit"] == "logistic"
+    fits = json.loads((out / "eval" / "dedn-ridge-fold0" / "results.json").read_text())["config"]
+    assert fits["model"]["fusion"]["probe"]["fit"] == "ridge"
     old = json.loads((out / "eval" / "dedn-previous-fold0" / "results.json").read_text())["config"]
     assert old["model"]["fusion"]["matcher"] == "proto" and old["model"]["fusion"]["confidence"] is True
     assert rows["dedn"]["models"] == 2 and rows["proto"]["models"] == 1

@@ -706,6 +706,90 @@ def test_support_probe_fits_the_support_mask_and_stays_near_proto_when_regularis
     assert torch.allclose(stiff, init, atol=1e-3)
 
 
+def test_support_ridge_is_the_weighted_least_squares_solution():
+    """fit_support_ridge solves the class-balanced ridge problem it states: the same (w, b) as an
+    independent least-squares solve of the stacked system (each labelled cell's row scaled by the square
+    root of its weight, l2 rows pulling w toward anchor x the prototypes' difference); unlabelled cells do
+    not count; each episode of a batch is fitted alone; it is deterministic and carries no gradient."""
+    from dedn.models.ops import fit_support_ridge
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 5, 4, 4, generator=g)
+    fg = (torch.rand(2, 2, 1, 4, 4, generator=g) > 0.6).float()
+    bg = 1 - fg
+    fg[0, 0, 0, 0, :2] = bg[0, 0, 0, 0, :2] = 0.0  # two unlabelled cells (padding or void)
+    l2, anchor = 0.3, 5.0
+    w, b = fit_support_ridge(x, fg, bg, l2, anchor)
+    assert w.shape == (2, 5) and b.shape == (2,) and not w.requires_grad
+    for e in range(2):
+        unit = torch.nn.functional.normalize(x[e], dim=1).permute(0, 2, 3, 1).reshape(-1, 5).double()
+        f, h = fg[e].reshape(-1).double(), bg[e].reshape(-1).double()
+        keep = (f + h) > 0.5
+        unit, f = unit[keep], f[keep]
+        weight = torch.where(f > 0.5, 0.5 / f.sum(), 0.5 / (1 - f).sum())
+        pf = torch.nn.functional.normalize((unit * f[:, None]).sum(0), dim=0)
+        pb = torch.nn.functional.normalize((unit * (1 - f)[:, None]).sum(0), dim=0)
+        rows = torch.cat([unit, torch.ones(len(unit), 1, dtype=unit.dtype)], dim=1) * weight.sqrt()[:, None]
+        reg = torch.diag(torch.tensor([l2] * 5 + [1e-6], dtype=unit.dtype).sqrt())
+        system = torch.cat([rows, reg])
+        rhs = torch.cat(
+            [(2 * f - 1) * weight.sqrt(), l2**0.5 * anchor * (pf - pb), torch.zeros(1, dtype=unit.dtype)]
+        )
+        expected = torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]
+        torch.testing.assert_close(w[e].double(), expected[:5], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[e].double(), expected[5], rtol=1e-4, atol=1e-5)
+        alone = fit_support_ridge(x[e : e + 1], fg[e : e + 1], bg[e : e + 1], l2, anchor)
+        torch.testing.assert_close(alone[0][0], w[e])
+    noisy = x.clone()
+    noisy[0, 0, :, 0, :2] = torch.randn(5, 2, generator=g)  # what the unlabelled cells hold is ignored
+    torch.testing.assert_close(fit_support_ridge(noisy, fg, bg, l2, anchor)[0], w)
+    assert all(
+        torch.equal(p, q) for p, q in zip(fit_support_ridge(x, fg, bg, l2, anchor), (w, b), strict=True)
+    )
+
+
+def test_support_ridge_separates_the_support_and_shrinks_to_proto():
+    """On a separable support a weak pull fits every labelled cell, the hard background cell included
+    (about +1 on the object, -1 off it); a huge pull leaves anchor x proto's direction."""
+    from dedn.models.ops import fit_support_ridge
+
+    x, fg, bg = _separable_support()
+    unit = torch.nn.functional.normalize(x, dim=2)
+    w, b = fit_support_ridge(x, fg, bg, l2=1e-4, anchor=5.0)
+    z = torch.einsum("bkchw,bc->bkhw", unit, w) + b
+    assert (z[fg[:, :, 0] > 0.5] > 0).all() and (z[bg[:, :, 0] > 0.5] < 0).all()
+    assert z[fg[:, :, 0] > 0.5].mean() == pytest.approx(1.0, abs=0.2)
+    pf = (unit * fg).sum(dim=(3, 4)) / fg.sum()
+    pb = (unit * bg).sum(dim=(3, 4)) / bg.sum()
+    proto = torch.nn.functional.normalize(pf, dim=2) - torch.nn.functional.normalize(pb, dim=2)
+    stiff, _ = fit_support_ridge(x, fg, bg, l2=1e6, anchor=5.0)
+    torch.testing.assert_close(stiff, 5.0 * proto[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_probe_fit_setting_picks_the_fit_and_boxes_keep_the_logistic_one():
+    """model.fusion.probe.fit: logistic (the default) is ops.fit_support_probe from proto's direction x10,
+    ridge is ops.fit_support_ridge with the probe's settings; the box refinement always uses the
+    logistic fit, whatever the setting."""
+    from dedn.models.ops import fit_support_probe, fit_support_ridge
+
+    assert ModelConfig().fusion.probe.fit == "logistic"
+    x, fg, bg = _separable_support()
+    logistic = FewShotSegmenter(
+        with_changes(ModelConfig(channels=16), fusion__matcher="probe"), ToyBackbone()
+    )
+    settings = logistic.cfg.fusion.probe
+    ridge_cfg = with_changes(logistic.cfg, fusion__probe=dataclasses.replace(settings, fit="ridge"))
+    ridge = FewShotSegmenter(ridge_cfg, ToyBackbone())
+    expected = fit_support_ridge(x, fg, bg, settings.ridge_l2, settings.anchor)
+    assert all(torch.equal(p, q) for p, q in zip(ridge.fit_probe(x, fg, bg), expected, strict=True))
+    protos = logistic._prototypes(x, fg, bg)
+    old = fit_support_probe(x, fg, bg, (protos[1] - protos[0]) * 10.0, settings.steps, settings.l2)
+    for model in (ridge, logistic):
+        box = model.fit_box_probe(x, fg, bg)
+        assert all(torch.equal(p, q) for p, q in zip(box, old, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(logistic.fit_probe(x, fg, bg), old, strict=True))
+
+
 def test_probe_matcher_is_proto_adapted_and_fitted_once_per_support_set(monkeypatch):
     """model.fusion.matcher=probe: the third AWF member's logits are linear in the unit query features with
     the fitted (w, b); out['probe'] handed back gives the same output without fitting again."""
@@ -742,8 +826,13 @@ def test_probe_settings_are_checked_and_test_time():
         load_config(None, ["model.fusion.probe.steps=0"])
     with pytest.raises(ConfigError, match="model.fusion.probe"):
         load_config(None, ["model.fusion.probe.l2=-1"])
+    with pytest.raises(ConfigError, match="model.fusion.probe.fit"):
+        load_config(None, ["model.fusion.probe.fit=lasso"])
+    with pytest.raises(ConfigError, match="ridge_l2"):
+        load_config(None, ["model.fusion.probe.ridge_l2=0"])
     saved, current = Config(), Config()
     current.model.fusion.matcher, current.model.fusion.probe.l2 = "probe", 0.5
+    current.model.fusion.probe.fit = "ridge"  # the fit is a test-time setting too
     current.model.fusion.score = "hard"  # how AWF scores its members: also a test-time setting
     check_compatible(saved, current, "model.pt")
 

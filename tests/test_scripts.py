@@ -214,8 +214,10 @@ def test_peers_benchmark_multiplies_each_step_time_by_the_methods_own_length():
 def test_probe_benchmark_prints_the_fit_and_the_query_cost():
     done = run_benchmark("probe", "--split", "none", "--sets", "3")
     lines = [line for line in done.stdout.splitlines() if "median" in line]
-    names = ["probe", "probe", "proto", "coverage"] * 2
-    assert len(lines) == 8 and [line.split()[0] for line in lines] == names
+    names = ["probe", "probe", "probe", "proto", "coverage"] * 2
+    assert len(lines) == 10 and [line.split()[0] for line in lines] == names
+    fits = [line.split("(")[-1].rstrip(")") for line in lines if "fit per support set" in line]
+    assert fits == ["logistic", "ridge"] * 2
     assert all(float(line.split("median")[1].split()[0]) > 0 for line in lines)
 
 

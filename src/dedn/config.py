@@ -145,9 +145,18 @@ class ScenarioExpertConfig:
 class ProbeConfig:
     """The `probe` matcher: proto's fg/bg decision refitted to the support mask (dedn.models.ops)."""
 
-    #: L-BFGS iterations of the fit
+    #: logistic (class-balanced logistic loss, L-BFGS: ``ops.fit_support_probe``) | ridge (class-balanced
+    #: ridge regression of +-1 targets pulled toward proto's direction, closed form:
+    #: ``ops.fit_support_ridge``; an option: better on PASCAL-5i, not off-domain, docs/method.md, 2g).
+    #: Test-time
+    fit: str = "logistic"
+    #: ridge: weight of |w - anchor * (p_fg - p_bg)|^2 (the unit prototypes' difference)
+    ridge_l2: float = 0.05
+    #: ridge: the length of the direction the fit is pulled toward
+    anchor: float = 5.0
+    #: logistic: L-BFGS iterations of the fit
     steps: int = 20
-    #: weight of |w - w_proto|^2, which keeps the fitted direction near the prototypes'
+    #: logistic: weight of |w - w_proto|^2, which keeps the fitted direction near the prototypes'
     l2: float = 0.01
     #: [lo, hi]: the probe's weight in AWF at a query cell is scaled by how well the support's
     #: background covers that cell (the highest cosine similarity of the cell's frozen ``high`` feature to
@@ -711,10 +720,17 @@ def validate(cfg: Config) -> Config:
             f"model.fusion.probe.coverage = {cover} weighs the probe, but model.fusion.matcher = "
             f"{m.fusion.matcher}; set model.fusion.matcher=probe or model.fusion.probe.coverage=null"
         )
-    if m.fusion.probe.steps < 1 or not m.fusion.probe.l2 >= 0:
+    probe = m.fusion.probe
+    if probe.fit not in ("ridge", "logistic"):
+        raise ConfigError(f"model.fusion.probe.fit = {probe.fit!r}; expected ridge or logistic")
+    if probe.steps < 1 or not probe.l2 >= 0:
         raise ConfigError(
-            f"model.fusion.probe: steps = {m.fusion.probe.steps}, l2 = {m.fusion.probe.l2}; expected "
-            "steps >= 1 and l2 >= 0"
+            f"model.fusion.probe: steps = {probe.steps}, l2 = {probe.l2}; expected steps >= 1 and l2 >= 0"
+        )
+    if not probe.ridge_l2 > 0 or not math.isfinite(probe.ridge_l2) or not math.isfinite(probe.anchor):
+        raise ConfigError(
+            f"model.fusion.probe: ridge_l2 = {probe.ridge_l2}, anchor = {probe.anchor}; expected a finite "
+            "ridge_l2 > 0 (the fit's system must be solvable) and a finite anchor"
         )
     pc = cfg.train.pseudo_classes
     if pc.fraction > 0 and pc.clusters < 2:

@@ -581,7 +581,7 @@ class Predictor:
             high.to(self.device),
             box.to(self.device),
             self.box_refinement,
-            model.fit_probe,
+            model.fit_box_probe,
             model._support_fractions,
         ).cpu()
 

@@ -153,7 +153,7 @@ class EpisodeRunner:
                     features["high"][0, i],
                     mask.to(self.device),
                     self.box_refinement,
-                    self.model.fit_probe,
+                    self.model.fit_box_probe,
                     self.model._support_fractions,
                 )
             if self.annotation != "mask":  # made once per (image, class), reused in every episode

@@ -29,6 +29,7 @@ from dedn.models.ops import (
     background_coverage,
     cosine_prior,
     fit_support_probe,
+    fit_support_ridge,
     mask_fractions,
     masked_average_pool,
     soft_iou,
@@ -494,15 +495,26 @@ class FewShotSegmenter(nn.Module):
             return torch.stack([torch.zeros_like(z), z], dim=1)  # (bg, fg): the difference is the probe's
         return self._proto_logits(query["high"], supports["high"], fg, bg)
 
-    def fit_probe(self, support_high: Tensor, fg: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
-        """The `probe` matcher (``model.fusion.matcher = probe``): `proto` adapted to the support set. Its
-        linear fg/bg decision on the unit-length frozen features, starting from proto's (the difference of
-        the prototypes, x10 as proto's logits), is fitted to the support mask (``ops.fit_support_probe``):
-        (w (B, C), b (B,)). Fitted once per support set; a query then costs what proto's does."""
-        protos = self._prototypes(support_high, fg, bg)
+    def fit_probe(
+        self, support_high: Tensor, fg: Tensor, bg: Tensor, fit: str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The `probe` matcher (``model.fusion.matcher = probe``): `proto` adapted to the support set, a
+        linear fg/bg decision on the unit-length frozen features fitted to the support mask, by
+        ``model.fusion.probe.fit`` (or ``fit``): ridge (``ops.fit_support_ridge``, pulled toward proto's
+        direction) or logistic (``ops.fit_support_probe``, starting from proto's direction x10, its
+        logits' scale). (w (B, C), b (B,)); the probe's logit difference at a unit query vector ``q`` is
+        ``q . w + b``. Fitted once per support set; a query then costs what proto's does."""
         settings = self.cfg.fusion.probe
+        if (fit or settings.fit) == "ridge":
+            return fit_support_ridge(support_high, fg, bg, settings.ridge_l2, settings.anchor)
+        protos = self._prototypes(support_high, fg, bg)
         init = (protos[1] - protos[0]) * 10.0
         return fit_support_probe(support_high, fg, bg, init, settings.steps, settings.l2)
+
+    def fit_box_probe(self, support_high: Tensor, fg: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
+        """The fit that refines a box support into a mask (dedn.weak.box_support): the logistic one,
+        whatever ``probe.fit`` is (the box figures of docs/results.md were measured with it)."""
+        return self.fit_probe(support_high, fg, bg, fit="logistic")
 
     def _proto_logits(self, query_high: Tensor, support_high: Tensor, fg: Tensor, bg: Tensor) -> Tensor:
         """Training-free fg/bg nearest prototype (PANet without training), cosine similarity."""
