@@ -239,6 +239,20 @@ def background_coverage(query_high: Tensor, support_high: Tensor, bg: Tensor) ->
     return best.view(b, 1, *query_high.shape[-2:])
 
 
+def _balanced_cells(fg: Tensor, bg: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The support cells' targets and class-balanced weights of the probe's fits, each (B, n) over the K
+    shots' cells: ``t`` the foreground share of a labelled cell (fg + bg > 0.5; 0 elsewhere), ``wf`` and
+    ``wb`` its weight as foreground and as background, each summing to 1 over the labelled cells (the
+    foreground counts as much as the background, however few its cells)."""
+    b = fg.shape[0]
+    f, g = fg.reshape(b, -1).to(dtype), bg.reshape(b, -1).to(dtype)
+    labelled = ((f + g) > 0.5).to(dtype)
+    t = (f / (f + g).clamp_min(EPS)) * labelled  # soft target in [0, 1]
+    wf = t / t.sum(dim=1, keepdim=True).clamp_min(EPS)
+    wb = (1 - t) * labelled / ((1 - t) * labelled).sum(dim=1, keepdim=True).clamp_min(EPS)
+    return t, wf, wb
+
+
 def fit_support_probe(
     support_high: Tensor, fg: Tensor, bg: Tensor, init: Tensor, steps: int, l2: float
 ) -> tuple[Tensor, Tensor]:
@@ -254,11 +268,7 @@ def fit_support_probe(
     whatever the caller's mode, and returns detached tensors."""
     b, k, c = support_high.shape[:3]
     x = F.normalize(support_high, dim=2).permute(0, 1, 3, 4, 2).reshape(b, -1, c).detach()  # (B, n, C)
-    f, g = fg.reshape(b, -1), bg.reshape(b, -1)
-    labelled = (f + g) > 0.5
-    t = (f / (f + g).clamp_min(EPS)) * labelled  # soft target in [0, 1]
-    wf = t / t.sum(dim=1, keepdim=True).clamp_min(EPS)
-    wb = (1 - t) * labelled / ((1 - t) * labelled).sum(dim=1, keepdim=True).clamp_min(EPS)
+    t, wf, wb = _balanced_cells(fg, bg, x.dtype)
     init = init.detach()
     w = init.clone().requires_grad_(True)
     bias = torch.zeros(b, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -300,11 +310,7 @@ def fit_support_ridge(
     (used as the logit difference as it is)."""
     b, k, c = support_high.shape[:3]
     x = F.normalize(support_high, dim=2).permute(0, 1, 3, 4, 2).reshape(b, -1, c).detach()
-    f, g = fg.reshape(b, -1).to(x.dtype), bg.reshape(b, -1).to(x.dtype)
-    labelled = ((f + g) > 0.5).to(x.dtype)
-    t = (f / (f + g).clamp_min(EPS)) * labelled
-    wf = t / t.sum(dim=1, keepdim=True).clamp_min(EPS)
-    wb = (1 - t) * labelled / ((1 - t) * labelled).sum(dim=1, keepdim=True).clamp_min(EPS)
+    t, wf, wb = _balanced_cells(fg, bg, x.dtype)
     weight = (wf + wb) / 2  # (B, n): fg and bg count alike, whatever their areas
     target = 2 * t - 1
     pf = F.normalize(torch.einsum("bnc,bn->bc", x, wf), dim=1)
