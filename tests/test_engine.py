@@ -515,3 +515,29 @@ def test_each_optimizer_trains_and_resumes_its_own_state(tmp_path, optimizer):
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config(None, ["train.optimizer=lamb"])
+
+
+def test_slow_modules_train_at_their_own_rate(tmp_path):
+    """train.slow_modules / slow_lr (HDMNet's recipe: its transformer at a tenth of the rest's rate): the
+    named parameters form their own group at lr * slow_lr, every other trainable parameter keeps lr, and
+    nothing is left out or counted twice."""
+    settings = ["train.optimizer=adamw", "train.lr=0.001", "train.feature_cache=true"]
+    cfg = tiny_config(tmp_path, *settings, "train.slow_modules=[experts.object]", "train.slow_lr=0.1")
+    trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+    fast, slow = trainer.optimizer.param_groups
+    assert fast["lr"] == pytest.approx(0.001) and slow["lr"] == pytest.approx(0.0001)
+    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {names[id(p)].startswith("experts.object.") for p in slow["params"]} == {True}
+    assert not any(names[id(p)].startswith("experts.object.") for p in fast["params"])
+    assert len(fast["params"]) + len(slow["params"]) == len(names)
+    # the schedule scales both groups alike
+    trainer.fit(stop_after=2)
+    assert slow["lr"] == pytest.approx(fast["lr"] * 0.1)
+
+
+def test_slow_modules_that_name_nothing_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path, "train.slow_modules=[experts.transformer]")
+    with pytest.raises(ConfigError, match="experts.transformer names no trainable parameter"):
+        Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+    with pytest.raises(ConfigError, match="train.slow_lr"):
+        load_config(None, ["train.slow_lr=0"])

@@ -414,6 +414,11 @@ class TrainConfig:
     lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    #: parameters under these module names (prefixes of ``model.named_parameters()``, e.g.
+    #: ``experts.hdmnet.stages``) train at ``lr * slow_lr``: HDMNet's transformer at a tenth of the
+    #: rest's rate, as its paper has it
+    slow_modules: list[str] = field(default_factory=list)
+    slow_lr: float = 0.1
     poly_power: float = 0.9
     seed: int = 0
     #: compute each training image's frozen backbone features once and augment in feature space
@@ -543,6 +548,7 @@ MINIMUMS: dict[str, int] = {
 #: number settings that must be > 0 (a temperature of 0 divides by zero; a learning rate of 0 trains nothing)
 POSITIVE: tuple[str, ...] = (
     "train.lr",
+    "train.slow_lr",
     "model.bam.base_lr",
     "model.hdmnet.temperature",
     "model.object.ocg.temperature",

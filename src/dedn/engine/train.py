@@ -198,8 +198,28 @@ def validation_episodes(cfg: Config, bench: Benchmark) -> list:
     )
 
 
-def make_optimizer(params, t) -> torch.optim.Optimizer:
-    """``train.optimizer`` over ``params``: SGD with momentum, AdamW or Adam, at ``train.lr``."""
+def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the trainable parameters of ``model``: SGD with momentum, AdamW or Adam, at
+    ``train.lr``; those under ``train.slow_modules`` at ``train.lr * train.slow_lr``."""
+    fast, slow = [], []
+    matched = dict.fromkeys(t.slow_modules, False)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hits = [m for m in t.slow_modules if name == m or name.startswith(m + ".")]
+        for m in hits:
+            matched[m] = True
+        (slow if hits else fast).append(p)
+    missing = [m for m, hit in matched.items() if not hit]
+    if missing:
+        raise ConfigError(
+            f"train.slow_modules: {', '.join(missing)} names no trainable parameter of this model "
+            f"(model.method = {getattr(model, 'method', '?')}); expected prefixes such as "
+            f"{', '.join(sorted({'.'.join(n.split('.')[:3]) for n, _ in model.named_parameters()})[:6])}"
+        )
+    params = [{"params": fast, "lr": t.lr}] if fast else []
+    if slow:
+        params.append({"params": slow, "lr": t.lr * t.slow_lr})
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
@@ -244,9 +264,8 @@ class Trainer:
             )
         torch.manual_seed(cfg.train.seed)
         self.model = FewShotSegmenter(cfg.model).to(device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
-        self.optimizer = make_optimizer(params, t)
+        self.optimizer = make_optimizer(self.model, t)
         self.scheduler = poly_schedule(self.optimizer, t.steps, t.poly_power)
         self.step = 0
         self.best = {"miou": -1.0, "step": -1}
