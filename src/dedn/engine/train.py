@@ -203,9 +203,8 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     ``train.lr``; those under ``train.slow_modules`` at ``train.lr * train.slow_lr``."""
     fast, slow = [], []
     matched = dict.fromkeys(t.slow_modules, False)
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in trainable:
         hits = [m for m in t.slow_modules if name == m or name.startswith(m + ".")]
         for m in hits:
             matched[m] = True
@@ -215,7 +214,7 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
         raise ConfigError(
             f"train.slow_modules: {', '.join(missing)} names no trainable parameter of this model "
             f"(model.method = {getattr(model, 'method', '?')}); expected prefixes such as "
-            f"{', '.join(sorted({'.'.join(n.split('.')[:3]) for n, _ in model.named_parameters()})[:6])}"
+            f"{', '.join(sorted({'.'.join(n.split('.')[:3]) for n, _ in trainable})[:6])}"
         )
     params = [{"params": fast, "lr": t.lr}] if fast else []
     if slow:
