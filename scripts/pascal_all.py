@@ -3,8 +3,9 @@
 The tables (``docs/results.md``, "Current figures") and the ``scripts/pascal_table.py`` invocations that
 make them, one per table, fold and trained model:
 
-- ``main-1shot``: DEDN, its two experts trained alone, the peers PFENet, HSNet and BAM (trained in the
-  same harness, on the same features and budget) and the training-free ``proto`` and ``prior``; 1-shot,
+- ``main-1shot``: DEDN, its two experts trained alone, the peers PFENet, HSNet, BAM and HDMNet (trained
+  in the same harness, on the same features and episodes, each with its own recipe and length: the
+  settings of ``configs/<method>_offline.yaml``) and the training-free ``proto`` and ``prior``; 1-shot,
   5 test seeds x 1,000 episodes per fold.
 - ``main-5shot``: the same rows at 5 shots, each trained model trained on 5-shot episodes
   (``--train-shots test``); 5 test seeds.
@@ -61,8 +62,16 @@ GROUPS: dict[str, tuple[int, list[str], list[str], list[str]]] = {
 
 #: rough cost of one run on the 2-core CPU, two runs at a time (seconds of 1-shot training and scoring
 #: on test seed 0; docs/results.md), used only to start the longest runs first
-#: (the peers: their one-thread trainings of docs/results.md plus scoring)
-COST = {"dedn": 400, "object": 220, "scenario": 170, "pfenet": 320, "hsnet": 1100, "bam": 320, "hdmnet": 700}
+#: (the peers: their one-thread trainings at their own lengths, docs/results.md, plus scoring)
+COST = {
+    "dedn": 400,
+    "object": 220,
+    "scenario": 170,
+    "pfenet": 1250,
+    "hsnet": 6000,
+    "bam": 2000,
+    "hdmnet": 2400,
+}
 
 
 def cost(rows: list[str], shots: int) -> float:

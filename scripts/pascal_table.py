@@ -1,6 +1,9 @@
 """Run the offline PASCAL-5i table: methods x folds x shots (and the ablations), then collect it.
 
-Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to it. A trained row is
+Every row is ``configs/pascal_offline.yaml`` plus the overrides printed next to it; a peer method's row
+(PFENet, HSNet, BAM, HDMNet) is trained with its own recipe and length, i.e. every setting in which its own
+config (``configs/<method>_offline.yaml``) differs from the table config (``--recipe own``, the default
+with the default ``--config``; ``--recipe config`` gives every row the table config's). A trained row is
 trained once per fold with ``dedn train`` (1-shot episodes) and that model is scored with ``dedn eval`` at
 every shot count, on the same episode files as every other row (one per fold, shot count and seed).
 With ``--train-shots test`` a model is trained per shot count instead, on episodes with that many
@@ -118,6 +121,26 @@ ABLATIONS = {
     ),
 }
 ROWS = {**METHODS, **ABLATIONS}
+#: the peers' own configs (issue 40): each holds the recipe and length chosen for its method
+OWN_CONFIGS = {m: REPO / "configs" / f"{m}_offline.yaml" for m in ("pfenet", "hsnet", "bam", "hdmnet")}
+
+
+def override(key: str, value) -> str:
+    """``key=value`` as ``--set`` reads it back (text as is, anything else as YAML/JSON)."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def recipe(name: str) -> list[str]:
+    """The overrides that turn the table config into the row's own config (``OWN_CONFIGS``): every
+    setting the two resolve differently, but the run's name and folder. Empty for a row without one."""
+    own = OWN_CONFIGS.get(name)
+    if own is None:
+        return []
+    try:
+        base, mine = (flatten(to_dict(load_config(path))) for path in (CONFIG, own))
+    except ConfigError as e:
+        raise SystemExit(f"{own}: cannot read the row's own config ({e})") from None
+    return [override(k, v) for k, v in mine.items() if k not in ("name", "output_dir") and base.get(k) != v]
 
 
 def slug(parts: list[str]) -> str:
@@ -276,6 +299,15 @@ def choose_length(
     }
     atomic_write_json(lengths, chosen)
     return step
+
+
+def row_extra(name: str, own: bool, extra: list[str], search: bool) -> list[str]:
+    """The settings a row gets beyond its own overrides: its method's recipe (``own``; without its length
+    when the length is searched for), then every ``--set``."""
+    mine = recipe(name) if own else []
+    if search:
+        mine = [s for s in mine if s.split("=", 1)[0] not in LENGTH_SETTINGS]
+    return [*mine, *extra]
 
 
 def with_length(row: Row, steps: int) -> Row:
@@ -459,6 +491,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "pascal-table"))
     parser.add_argument("--config", default=str(CONFIG), help="the base config of every row")
     parser.add_argument(
+        "--recipe",
+        choices=["own", "config"],
+        help="a peer's row: with the settings of its own config (configs/<method>_offline.yaml: its recipe "
+        "and length; the default with the default --config), or only --config's, the method changed",
+    )
+    parser.add_argument(
         "--train-shots",
         choices=["1", "test"],
         default="1",
@@ -491,10 +529,14 @@ def main() -> None:
             rows = {name: ROWS[name] for name in args.rows}
         else:
             rows = ABLATIONS if args.ablations else {m: METHODS[m] for m in args.methods}
-        if args.length == "pseudo-novel":
+        own = args.recipe == "own" if args.recipe else Path(args.config).resolve() == CONFIG.resolve()
+        search = args.length == "pseudo-novel"
+        if search:
             fixed = [s for s in args.extra if s.split("=", 1)[0].strip() in LENGTH_SETTINGS]
             if fixed:
                 raise SystemExit(f"--length pseudo-novel chooses this setting itself; drop --set {fixed[0]}")
+        extra = {name: row_extra(name, own, args.extra, search) for name in rows}
+        if search:
             rows = dict(rows)
             for name, row in rows.items():
                 if row.train is not None:
@@ -502,7 +544,7 @@ def main() -> None:
                         name,
                         row,
                         out,
-                        args.extra,
+                        extra[name],
                         Path(args.config),
                         args.length_classes,
                         args.length_cap,
@@ -514,7 +556,7 @@ def main() -> None:
             for shots in args.shots:
                 for name, row in rows.items():
                     train_shots = shots if args.train_shots == "test" else TRAIN_SHOTS
-                    r = run_row(name, row, fold, shots, out, args.extra, Path(args.config), train_shots)
+                    r = run_row(name, row, fold, shots, out, extra[name], Path(args.config), train_shots)
                     print(
                         f"{name} fold {fold} {shots}-shot: mIoU {100 * r['miou']['mean']:.1f} "
                         f"(train {r.get('train_seconds') or 0:.0f} s, eval {r['eval_seconds']:.0f} s)",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dedn.config import load_config
+from dedn.config import flatten, load_config, to_dict
 from test_engine import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -468,3 +468,54 @@ def test_table_runner_resumes_a_training_that_stopped_part_way(tmp_path, monkeyp
     args = list(calls[1])
     assert args[args.index("--resume") + 1] == str(run / "checkpoints" / "last.pt")
     assert seconds == 12.0 and json.loads((run / "times.json").read_text())["resumed"] is True
+
+
+def test_a_peers_row_is_trained_with_its_own_configs_recipe(tmp_path, monkeypatch):
+    table = load_script("pascal_table")
+    skip = ("name", "output_dir")
+
+    def settings(path, sets=()):
+        return {k: v for k, v in flatten(to_dict(load_config(path, list(sets)))).items() if k not in skip}
+
+    # the table config + a peer's row + its recipe resolves to exactly the peer's own config
+    for name, own in table.OWN_CONFIGS.items():
+        rebuilt = settings(table.CONFIG, [*table.METHODS[name].train, *table.recipe(name)])
+        assert rebuilt == settings(own), name
+    assert table.recipe("dedn") == [] and "train.optimizer=adam" in table.recipe("hsnet")
+
+    seen = {}
+
+    def fake_row(name, row, fold, shots, out, extra, config, train_shots):
+        seen[name] = (row.train, extra)
+        return {"miou": {"mean": 0.5}, "eval_seconds": 1.0}
+
+    def fake_length(name, row, out, extra, config, classes, cap, every):
+        seen[f"{name} search"] = extra
+        return 100
+
+    monkeypatch.setattr(table, "run_row", fake_row)
+    monkeypatch.setattr(table, "choose_length", fake_length)
+    monkeypatch.setattr(table, "collect", lambda out: [])
+
+    def run(*argv):
+        seen.clear()
+        common = ["pascal_table.py", "--folds", "0", "--shots", "1", "--out", str(tmp_path)]
+        monkeypatch.setattr(sys, "argv", [*common, "--methods", "hsnet", "dedn", *argv])
+        table.main()
+        return dict(seen)
+
+    # with the table config: the peer's recipe, then every --set (which wins); DEDN has none
+    rows = run("--set", "train.lr=0.5")
+    assert rows["hsnet"][1] == [*table.recipe("hsnet"), "train.lr=0.5"]
+    assert rows["dedn"][1] == ["train.lr=0.5"]
+    # with another base config (say the synthetic one of the tests) only if asked for; never with config
+    synthetic = str(REPO / "configs" / "synthetic.yaml")
+    assert run("--config", synthetic)["hsnet"][1] == []
+    assert run("--config", synthetic, "--recipe", "own")["hsnet"][1] == table.recipe("hsnet")
+    assert run("--recipe", "config")["hsnet"][1] == []
+    # a length search keeps the recipe's optimizer but not its length: the length is the search's
+    rows = run("--length", "pseudo-novel")
+    assert "train.optimizer=adam" in rows["hsnet search"]
+    assert not any(s.startswith(("train.steps=", "train.val_every=")) for s in rows["hsnet search"])
+    assert rows["hsnet"][0][-2:] == ["train.steps=100", "train.val_every=100"]
+    assert rows["hsnet"][1] == rows["hsnet search"]
