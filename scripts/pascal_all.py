@@ -23,7 +23,12 @@ one process with ``--threads`` threads; ``--jobs`` of them at a time (on this pr
 
     python scripts/pascal_all.py --dry-run                    # the commands, in the order they start
     python scripts/pascal_all.py --groups ablations --jobs 2  # one table
-    python scripts/pascal_all.py                              # all three (about 8 hours on 2 cores)
+    python scripts/pascal_all.py                              # all three (days on 2 cores)
+
+Cost: with the peers at their own lengths, their 1-shot trainings alone take about 12.5 hours of one core
+(per fold: PFENet 1,100 s, HSNet 5,860 s, BAM 1,900 s, HDMNet 2,300 s, docs/results.md), so
+``main-1shot`` takes about 10 hours on the 2 cores with DEDN's rows and the scoring; ``main-5shot``
+trains every model again on 5-shot episodes, which costs more per step (HSNet runs one 4D pass per shot).
 """
 
 from __future__ import annotations
