@@ -31,7 +31,11 @@ model is trained on fold 0 with ``--length-classes`` (base classes) held out of 
 (``data.val_classes``), so on classes it never saw, as the test is. The step of the best validation
 mIoU (the earliest of ties) becomes the row's ``train.steps`` on every fold, with one validation at
 its end (so ``best.pt`` is the last step's model, not a checkpoint chosen on base classes). The
-choices are written to ``<out>/lengths.json`` with each validation curve.
+choices are written to ``<out>/lengths.json`` with each validation curve. ``--search-only`` stops there
+(a search of another setting, e.g. a learning rate, compared on the same held-out classes):
+
+    python scripts/pascal_table.py --methods bam --length pseudo-novel --search-only \
+        --out runs/lr-sweep/bam-lr0.04 --set train.lr=0.04
 """
 
 from __future__ import annotations
@@ -513,7 +517,15 @@ def main() -> None:
     parser.add_argument("--length-classes", nargs="+", type=int, default=LENGTH_CLASSES)
     parser.add_argument("--length-cap", type=int, default=4000, help="the longest run tried")
     parser.add_argument("--length-every", type=int, default=250, help="validate every N steps")
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="with --length pseudo-novel: stop once every row's length is chosen (a search of another "
+        "setting, e.g. a learning rate, needs no fold models)",
+    )
     args = parser.parse_args()
+    if args.search_only and args.length != "pseudo-novel":
+        parser.error("--search-only needs --length pseudo-novel")
     out = Path(args.out).resolve()
     if not args.collect:
         # the evaluations of one --out are all of models trained one way: say so, and refuse a mix
@@ -552,6 +564,8 @@ def main() -> None:
                     )
                     print(f"{name}: {steps} steps, chosen on pseudo-novel validation", flush=True)
                     rows[name] = with_length(row, steps)
+            if args.search_only:
+                return
         for fold in args.folds:
             for shots in args.shots:
                 for name, row in rows.items():

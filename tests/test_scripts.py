@@ -101,6 +101,43 @@ def test_table_runner_can_train_one_model_per_shot_count(tmp_path):
     assert "--train-shots test" in done.stderr
 
 
+def test_length_search_chooses_the_best_validated_step_and_can_stop_there(tmp_path):
+    # the search sets the length and validation cadence itself: TINY's own are left out
+    tiny = [s for s in TINY if not s.startswith(("train.steps=", "train.val_every="))]
+    sets = [a for s in tiny for a in ("--set", s)]
+    args = ["--config", str(REPO / "configs" / "synthetic.yaml"), "--folds", "0", "--shots", "1"]
+    search = [
+        "--length",
+        "pseudo-novel",
+        "--length-cap",
+        "4",
+        "--length-every",
+        "2",
+        "--length-classes",
+        "7",
+        "18",
+    ]
+    run_script(
+        "pascal_table.py", *args, "--rows", "dedn", *search, "--search-only", "--out", str(tmp_path), *sets
+    )
+    chosen = json.loads((tmp_path / "lengths.json").read_text())["dedn"]
+    assert sorted(chosen["curve"]) == ["2", "4"] and chosen["held_out_classes"] == [7, 18]
+    best = max(chosen["curve"].values())
+    assert chosen["val_miou"] == best and chosen["curve"][str(chosen["steps"])] == best
+    # the searched model held the classes out and validated on them only; no fold model, no evaluation
+    (run,) = (tmp_path / "length" / "models").iterdir()
+    config = load_config(run / "config.yaml")
+    assert list(config.data.val_classes) == [7, 18] and config.train.steps == 4
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
+    # --search-only means nothing without a search
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pascal_table.py"), *args, "--rows", "dedn", "--search-only"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "needs --length pseudo-novel" in done.stderr
+
+
 def test_trained_apart_row_reuses_the_expert_rows_models_and_scores_them_unchanged(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     rows = ["object", "scenario", "dedn of experts trained apart, AWF"]
