@@ -9,7 +9,7 @@ one run:
   forward, loss, backward and SGD step, as ``benchmarks/train_step.py`` times them), and that times the
   method's training length as the heads' share of one fold's training: with ``--lengths own`` (the
   default with the default ``--config``) the ``train.steps`` of the method's own config
-  (``configs/<method>_offline.yaml``, where its length was chosen, e.g. PFENet's 2,500 steps; DEDN's is
+  (``configs/<method>_offline.yaml``, where its length was chosen, e.g. PFENet's 3,250 steps; DEDN's is
   ``--config``), with ``--lengths config`` that of ``--config`` (and its ``--set``) for every method;
 - milliseconds per test episode from the feature store at 1 and 5 shots (the first ``--episodes`` test
   episodes of fold 0, seed 0, the same for every method; as ``benchmarks/scoring.py`` times them);

@@ -236,10 +236,11 @@ def test_train_evaluate_predict_from_the_command_line(tmp_path):
     assert prediction.fusion_weights is None
 
 
-def test_pfenet_offline_config_is_the_table_config_with_the_method_and_its_length_changed():
+def test_pfenet_offline_config_is_the_table_config_with_the_method_its_rate_and_length_changed():
     pfenet_cfg = load_config(REPO / "configs" / "pfenet_offline.yaml")
-    # PFENet's own length, chosen on pseudo-novel validation (issue 40), with one validation at its end
-    length = ["train.steps=2500", "train.val_every=2500"]
+    # PFENet's own learning rate and length, chosen on pseudo-novel validation (issue 40), with one
+    # validation at the end
+    length = ["train.lr=0.04", "train.steps=3250", "train.val_every=3250"]
     table = load_config(REPO / "configs" / "pascal_offline.yaml", ["model.method=pfenet", *length])
     assert pfenet_cfg.model.method == "pfenet"
     a, b = flatten(to_dict(pfenet_cfg)), flatten(to_dict(table))
