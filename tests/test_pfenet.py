@@ -240,8 +240,8 @@ def test_pfenet_offline_config_is_the_table_config_with_the_method_its_rate_and_
     pfenet_cfg = load_config(REPO / "configs" / "pfenet_offline.yaml")
     # PFENet's own learning rate and length, chosen on pseudo-novel validation (issue 40), with one
     # validation at the end
-    length = ["train.lr=0.04", "train.steps=3250", "train.val_every=3250"]
-    table = load_config(REPO / "configs" / "pascal_offline.yaml", ["model.method=pfenet", *length])
+    own = ["train.lr=0.04", "train.steps=3250", "train.val_every=3250"]
+    table = load_config(REPO / "configs" / "pascal_offline.yaml", ["model.method=pfenet", *own])
     assert pfenet_cfg.model.method == "pfenet"
     a, b = flatten(to_dict(pfenet_cfg)), flatten(to_dict(table))
     assert sorted(k for k in a if a[k] != b[k]) == ["name", "output_dir"]
